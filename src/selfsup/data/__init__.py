@@ -1,1 +1,86 @@
+"""Datasets, pretraining/evaluation splits and the batch iteration that feeds the engine.
 
+Typical use::
+
+    splits = build_data("fashion-mnist", limit=1000)
+    sampler = EpochBatchSampler(len(splits.pretrain), batch_size=256, seed=0)
+    for images, labels, indices in iterate_batches(splits.pretrain, sampler, epoch=0):
+        ...  # images: (B, C, H, W) uint8
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any
+
+from selfsup.data import datasets  # noqa: F401  (registers the builders)
+from selfsup.data.base import (
+    BatchTriple,
+    DataError,
+    DataSplits,
+    ImageDataset,
+    Sample,
+    TensorImageDataset,
+    channel_stats,
+    resize_images,
+    stratified_split,
+)
+from selfsup.data.datasets import ImageFolderDataset, read_idx, scan_image_folder
+from selfsup.data.loader import EpochBatchSampler, SkipFailedCollate, iterate_batches, iterate_eval
+from selfsup.registry import DATASETS
+
+__all__ = [
+    "BatchTriple",
+    "DataError",
+    "DataSplits",
+    "EpochBatchSampler",
+    "ImageDataset",
+    "ImageFolderDataset",
+    "Sample",
+    "SkipFailedCollate",
+    "TensorImageDataset",
+    "build_data",
+    "channel_stats",
+    "iterate_batches",
+    "iterate_eval",
+    "read_idx",
+    "resize_images",
+    "scan_image_folder",
+    "stratified_split",
+]
+
+
+def build_data(name: str, **kwargs: Any) -> DataSplits:
+    """Build the registered dataset ``name`` with ``kwargs``, checking the keys first.
+
+    Raises:
+        DataError: an unknown keyword (the message names it, suggests the closest valid one
+            and lists all of them) or a missing required one.
+        RegistryError: an unknown dataset name.
+    """
+    factory = DATASETS.get(name)
+    params = inspect.signature(factory).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    valid = [
+        p.name
+        for p in params.values()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    if not accepts_any:
+        for key in kwargs:
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise DataError(
+                    f"dataset {name!r} has no option {key!r}{hint} (valid: {', '.join(valid)})"
+                )
+    missing = [
+        k for k in valid if params[k].default is inspect.Parameter.empty and k not in kwargs
+    ]
+    if missing:
+        raise DataError(
+            f"dataset {name!r} needs {', '.join(f'{k}=...' for k in missing)} "
+            f"(valid options: {', '.join(valid)})"
+        )
+    return DATASETS.build(name, **kwargs)

@@ -1,1 +1,35 @@
+"""Evaluation of frozen representations: features, kNN, linear probe, clustering, monitors.
 
+Everything here works on tensors, iterables of ``(images, labels, ...)`` batches and
+callables, without the trainer. Accuracies are fractions in ``[0, 1]``.
+"""
+
+from selfsup.eval.baselines import evaluate_features, raw_pixel_features
+from selfsup.eval.clustering import cluster_accuracy, clustering_metrics
+from selfsup.eval.features import extract_features
+from selfsup.eval.knn import knn_classify, knn_predict
+from selfsup.eval.linear import (
+    DEFAULT_WEIGHT_DECAYS,
+    LinearProbe,
+    linear_probe,
+    linear_probe_encoder,
+    train_linear_head,
+)
+from selfsup.eval.monitors import effective_rank, feature_std
+
+__all__ = [
+    "DEFAULT_WEIGHT_DECAYS",
+    "LinearProbe",
+    "cluster_accuracy",
+    "clustering_metrics",
+    "effective_rank",
+    "evaluate_features",
+    "extract_features",
+    "feature_std",
+    "knn_classify",
+    "knn_predict",
+    "linear_probe",
+    "linear_probe_encoder",
+    "raw_pixel_features",
+    "train_linear_head",
+]

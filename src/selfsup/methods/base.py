@@ -95,6 +95,11 @@ class Method(nn.Module):
         """Returns ``{"loss": total, "<part>_loss": ..., other monitored scalars}``."""
         raise NotImplementedError
 
+    def forward(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:  # type: ignore[override]
+        """Calls ``training_step``: DistributedDataParallel hooks into ``forward``, so the
+        engine calls the (possibly wrapped) module rather than ``training_step`` directly."""
+        return self.training_step(batch, step)
+
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """``(student, teacher)`` pairs that the engine updates by EMA after each step."""
         return []

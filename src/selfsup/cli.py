@@ -1,0 +1,122 @@
+"""Command line: ``selfsup pretrain | resume | eval | list``.
+
+    selfsup pretrain configs/simclr/fashion_mnist.yaml train.epochs=5 method.temperature=0.2
+    selfsup resume runs/simclr-fashion-mnist-20261123-101500
+    selfsup eval knn runs/simclr-fashion-mnist-20261123-101500
+    selfsup eval linear runs/.../checkpoints/last.pt eval.linear_epochs=50
+    selfsup list methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from selfsup.config import ConfigError, apply_overrides, from_dict, load_config
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from selfsup.engine.trainer import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    if args.nproc > 1:
+        from selfsup.engine.launch import launch_local
+
+        return launch_local(args.nproc, args.config, args.overrides)
+    pretrain(cfg)
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from selfsup.engine.checkpoint import load_checkpoint
+    from selfsup.engine.trainer import pretrain
+
+    state = load_checkpoint(args.run)
+    tree = apply_overrides(state["config"], args.overrides)
+    tree["run"] = {**tree.get("run", {}), "resume": str(args.run)}
+    pretrain(from_dict(tree))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from selfsup.engine.build import build_components
+    from selfsup.engine.checkpoint import load_checkpoint
+    from selfsup.engine.evaluation import evaluate_encoder, format_table, raw_pixel_metrics
+    from selfsup.engine.trainer import resolve_device
+
+    state = load_checkpoint(args.run)
+    cfg = from_dict(apply_overrides(state["config"], args.overrides))
+    device = resolve_device(cfg.train.device)
+    parts = build_components(cfg, device)
+    parts.method.load_state_dict(state["method"])
+    splits = parts.splits
+    if splits.num_classes < 2:
+        raise ConfigError(f"dataset {splits.name!r} has no labels to evaluate with")
+    cfg.eval.linear = args.protocol == "linear"
+    rows = {}
+    metrics = evaluate_encoder(parts.method.embed, parts.method, splits.train, splits.test, splits.num_classes,
+                               parts.eval_views, cfg.eval, device, cfg.train.precision, seed=cfg.train.seed)
+    if args.protocol == "linear":
+        metrics = {k: v for k, v in metrics.items() if k.startswith("linear")}
+    rows[f"{cfg.method['name']} ({cfg.backbone['name']})"] = metrics
+    if args.baselines:
+        rows["raw pixels"] = raw_pixel_metrics(splits.train, splits.test, splits.num_classes, parts.eval_views,
+                                               cfg.eval, device)
+    print(format_table(rows, f"{splits.name} test set, top-1 (%)"))
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEW_RECIPES
+
+    registry = {"methods": METHODS, "backbones": BACKBONES, "datasets": DATASETS, "views": VIEW_RECIPES}[args.what]
+    for name in registry.names():
+        print(name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfsup", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain an encoder from a YAML config")
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun)")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("resume", help="continue a run from its last checkpoint")
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_cmd_resume)
+
+    p = sub.add_parser("eval", help="evaluate a run's encoder with labels")
+    p.add_argument("protocol", choices=["knn", "linear"])
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.knn_k=[10,20]")
+    p.add_argument("--baselines", action="store_true", help="also evaluate raw pixels")
+    p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("list", help="list registered components")
+    p.add_argument("what", choices=["methods", "backbones", "datasets", "views"])
+    p.set_defaults(func=_cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""Typed run configuration: YAML files, dotted command-line overrides, validation, dump.
+
+A config has fixed engine sections (``optim``, ``train``, ``eval``, ``run``) that are
+dataclasses, and component sections (``data``, ``backbone``, ``method``, ``views``) that are
+a ``name`` plus keyword options of the registered factory. Component options are checked
+against the factory's signature, so the defaults live in one place (the method's or
+backbone's signature) and an unknown key or a wrong type is an error naming the key and the
+closest valid key::
+
+    cfg = load_config("configs/simclr/fashion_mnist.yaml", ["train.epochs=5", "method.temperature=0.2"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has a wrong type or an invalid value."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedules. ``lr`` is the base rate at batch 256 (scaled by ``lr_scaling``).
+
+    Attributes:
+        name: ``"sgd"``, ``"adamw"`` or ``"lars"`` (You et al. 2017, arXiv:1708.03888).
+        lr_scaling: ``"linear"`` (lr * B / 256, Goyal et al. 2017), ``"sqrt"`` or ``"none"``;
+            ``None`` takes the method's default.
+        weight_decay_end: final weight decay of a cosine schedule (DINO); ``None`` = constant.
+        warmup_epochs: linear lr warm-up length; may be fractional.
+        min_lr_ratio: final lr of the cosine decay as a fraction of the peak.
+        clip_grad: max global gradient norm, 0 = no clipping.
+    """
+
+    name: Literal["sgd", "adamw", "lars"] = "sgd"
+    lr: float = 0.1
+    lr_scaling: Literal["linear", "sqrt", "none"] | None = None
+    weight_decay: float = 1e-4
+    weight_decay_end: float | None = None
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    lars_eta: float = 0.001
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.0
+    clip_grad: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """The training loop.
+
+    Attributes:
+        epochs: passes over the pretraining split (may be fractional).
+        max_steps: stop after this many optimisation steps (``None`` = epochs decide).
+        batch_size: images per process per optimisation step (all micro-batches together).
+        accum_steps: micro-batches per optimisation step (gradient accumulation).
+        precision: ``"bf16"`` runs the forward under bfloat16 autocast; losses stay float32.
+        ema_momentum: ``[start, end]`` of the cosine teacher-momentum schedule (``None`` =
+            the method's default).
+        checkpoint_every: also checkpoint every N steps (0 = only at epoch ends and the end).
+        knn_every: online kNN monitor every N epochs on the labelled split (0 = off).
+        knn_samples: at most this many labelled train/test images for the online monitor.
+        num_workers: DataLoader workers for datasets that decode files.
+        threads: torch intra-op threads (0 = leave PyTorch's default).
+        device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
+    """
+
+    epochs: float = 10.0
+    max_steps: int | None = None
+    batch_size: int = 256
+    accum_steps: int = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = False
+    seed: int = 0
+    ema_momentum: tuple[float, float] | None = None
+    checkpoint_every: int = 0
+    log_every: int = 20
+    knn_every: int = 1
+    knn_samples: int = 10000
+    num_workers: int = 0
+    threads: int = 0
+    device: str = "auto"
+    sync_batchnorm: bool = False
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after pretraining (``selfsup eval`` uses the same keys).
+
+    Attributes:
+        knn_k: neighbour counts of the weighted kNN classifier (Wu et al. 2018).
+        knn_temperature: temperature of the kNN vote weights.
+        linear: also train a linear probe on frozen features.
+        linear_epochs: epochs of the linear probe.
+        baselines: also evaluate a random-init encoder and raw pixels.
+        batch_size: feature-extraction batch size.
+    """
+
+    knn_k: list[int] = field(default_factory=lambda: [20, 200])
+    knn_temperature: float = 0.07
+    linear: bool = True
+    linear_epochs: int = 100
+    baselines: bool = True
+    batch_size: int = 512
+    at_end: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives. ``resume``: ``None``, ``"auto"`` (latest checkpoint of this run
+    folder if any) or a checkpoint path."""
+
+    out_dir: str = "runs"
+    name: str | None = None
+    resume: str | None = None
+    tensorboard: bool = True
+
+
+ENGINE_SECTIONS: dict[str, type] = {
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "run": RunConfig,
+}
+COMPONENT_SECTIONS = ("data", "backbone", "method", "views")
+DEFAULT_COMPONENTS: dict[str, dict[str, Any]] = {
+    "data": {"name": "fashion-mnist"},
+    "backbone": {"name": "convnet"},
+    "method": {"name": "simclr"},
+    "views": {"name": None},
+}
+
+
+@dataclass
+class Config:
+    """A whole run: engine sections as dataclasses, components as ``{"name": ..., **options}``."""
+
+    data: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_COMPONENTS["data"]))
+    backbone: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_COMPONENTS["backbone"]))
+    method: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_COMPONENTS["method"]))
+    views: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_COMPONENTS["views"]))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for section in COMPONENT_SECTIONS:
+            out[section] = dict(getattr(self, section))
+        for section in ENGINE_SECTIONS:
+            out[section] = _plain(dataclasses.asdict(getattr(self, section)))
+        return out
+
+    def options(self, section: str) -> dict[str, Any]:
+        """The keyword options of a component section (everything but ``name``)."""
+        return {k: v for k, v in getattr(self, section).items() if k != "name"}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, recursively, so the YAML dump is plain data."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------- type checking
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Checks ``value`` against a type annotation, converting lossless cases (int -> float,
+    list -> tuple). Raises ``ConfigError`` naming ``key`` otherwise."""
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return value
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(annotation)}")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{hint}")
+        return value
+    if origin in (list, tuple, Sequence, typing.Sequence) or annotation in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping) or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _unknown_key(key: str, valid: Sequence[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(valid), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown key {key!r} in {where}{hint} (valid: {', '.join(sorted(valid))})")
+
+
+def check_options(factory: Callable[..., Any], options: Mapping[str, Any], section: str,
+                  reserved: Sequence[str] = ()) -> dict[str, Any]:
+    """Validates keyword ``options`` against ``factory``'s signature (names and types).
+
+    ``reserved`` names are passed by the engine itself (e.g. ``in_channels``) and may not be
+    set by the user.
+    """
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    signature = inspect.signature(factory)
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolved forward references: fall back to no type checks
+        hints = {}
+    params = {
+        name: p for name, p in signature.parameters.items()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name not in reserved
+    }
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    checked = {}
+    for key, value in options.items():
+        if key in reserved:
+            raise ConfigError(f"{section}.{key} is set by the engine and cannot be configured")
+        if key not in params:
+            if accepts_any:
+                checked[key] = value
+                continue
+            raise _unknown_key(f"{section}.{key}", list(params), f"section {section!r}")
+        checked[key] = coerce(value, hints.get(key, params[key].annotation), f"{section}.{key}")
+    return checked
+
+
+# ---------------------------------------------------------------------------- load / merge
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.epochs=5"`` -> ``(["train", "epochs"], 5)``; values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if len(path) < 2:
+        raise ConfigError(f"override {text!r} must name a section and a key, e.g. train.epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: cannot parse value: {err}") from None
+    return path, value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {'.'.join(path)}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def from_dict(tree: Mapping[str, Any]) -> Config:
+    """Builds a validated ``Config`` from plain data (engine sections fully type-checked,
+    component sections checked later against their factories by ``validate_components``)."""
+    sections = set(COMPONENT_SECTIONS) | set(ENGINE_SECTIONS)
+    for key in tree:
+        if key not in sections:
+            raise _unknown_key(str(key), sorted(sections), "the config")
+    cfg = Config()
+    for section in COMPONENT_SECTIONS:
+        value = tree.get(section)
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"section {section!r} must be a mapping with a 'name'")
+        merged = dict(DEFAULT_COMPONENTS[section])
+        if "name" in value and value["name"] != merged.get("name"):
+            merged = {"name": value["name"]}  # another component: the old options don't apply
+        merged.update(value)
+        setattr(cfg, section, merged)
+    for section, cls in ENGINE_SECTIONS.items():
+        value = tree.get(section) or {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"section {section!r} must be a mapping")
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        kwargs = {}
+        for key, item in value.items():
+            if key not in names:
+                raise _unknown_key(f"{section}.{key}", names, f"section {section!r}")
+            kwargs[key] = coerce(item, hints[key], f"{section}.{key}")
+        setattr(cfg, section, cls(**kwargs))
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Reads a YAML config (or starts from defaults) and applies dotted overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    return from_dict(apply_overrides(tree, overrides))
+
+
+def apply_overrides(tree: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Plain config data with dotted ``section.key=value`` overrides merged in."""
+    merged = dict(tree)
+    for text in overrides:
+        key_path, value = parse_override(text)
+        update: dict[str, Any] = {}
+        _set_path(update, key_path, value)
+        merged = _merge(merged, update)
+    return merged
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Writes the resolved config as YAML (loadable by ``load_config``)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

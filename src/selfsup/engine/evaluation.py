@@ -1,0 +1,106 @@
+"""Evaluation of a run's encoder against the two baselines (random-init encoder, raw pixels).
+
+Features always come from un-augmented images (the "eval" view recipe) with the encoder in
+eval mode; the evaluation functions themselves live in ``selfsup.eval``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from selfsup.config import EvalConfig
+from selfsup.data import ImageDataset
+from selfsup.data.loader import iterate_eval
+from selfsup.eval import extract_features, knn_classify, linear_probe
+from selfsup.transforms import to_float
+
+
+def _limited(batches: Iterator[tuple[Tensor, ...]], limit: int | None) -> Iterator[tuple[Tensor, ...]]:
+    """The first ``limit`` samples of an in-order batch stream."""
+    seen = 0
+    for batch in batches:
+        if limit is not None and seen >= limit:
+            return
+        if limit is not None and seen + batch[0].shape[0] > limit:
+            batch = tuple(t[: limit - seen] for t in batch)
+        seen += batch[0].shape[0]
+        yield batch
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode (BN running statistics, no dropout) for the block, then the previous mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def encode(encoder: Callable[[Tensor], Tensor], dataset: ImageDataset, eval_views: nn.Module,
+           device: torch.device, batch_size: int = 512, limit: int | None = None,
+           precision: str = "fp32", num_workers: int = 0, gather: bool = False) -> tuple[Tensor, Tensor]:
+    """Features ``(N, D)`` float32 and labels ``(N,)`` of (the first ``limit`` of) a split."""
+
+    def preprocess(images: Tensor) -> Tensor:
+        return eval_views(to_float(images.to(device, non_blocking=True)))[0]
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with autocast:
+        features, labels = extract_features(
+            encoder, _limited(iterate_eval(dataset, batch_size, num_workers), limit),
+            preprocess=preprocess, device=device, gather=gather)
+    return features.float(), labels
+
+
+def evaluate_features(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], num_classes: int,
+                      cfg: EvalConfig, linear: bool | None = None, seed: int = 0) -> dict[str, float]:
+    """kNN at every ``cfg.knn_k`` and (optionally) a linear probe, as one flat metric dict."""
+    metrics = knn_classify(train[0], train[1], test[0], test[1], k=cfg.knn_k,
+                           temperature=cfg.knn_temperature, num_classes=num_classes)
+    if cfg.linear if linear is None else linear:
+        probe = linear_probe(train[0], train[1], test[0], test[1], num_classes=num_classes,
+                             epochs=cfg.linear_epochs, seed=seed)
+        metrics.update({k: v for k, v in probe.items() if k.startswith("linear_top")})
+    return metrics
+
+
+def evaluate_encoder(encoder: Callable[[Tensor], Tensor], module: nn.Module, train_set: ImageDataset,
+                     test_set: ImageDataset, num_classes: int, eval_views: nn.Module, cfg: EvalConfig,
+                     device: torch.device, precision: str = "fp32", limit: int | None = None,
+                     linear: bool | None = None, seed: int = 0, gather: bool = False) -> dict[str, float]:
+    """Extracts train and test features with ``encoder`` (``module`` in eval mode) and scores them."""
+    with eval_mode(module):
+        train = encode(encoder, train_set, eval_views, device, cfg.batch_size, limit, precision, gather=gather)
+        test = encode(encoder, test_set, eval_views, device, cfg.batch_size, limit, precision, gather=gather)
+    return evaluate_features(train, test, num_classes, cfg, linear, seed)
+
+
+def raw_pixel_metrics(train_set: ImageDataset, test_set: ImageDataset, num_classes: int,
+                      eval_views: nn.Module, cfg: EvalConfig, device: torch.device) -> dict[str, float]:
+    """The raw-pixel baseline: normalised pixels, flattened, as features."""
+    flatten = nn.Flatten()
+    return evaluate_encoder(flatten, flatten, train_set, test_set, num_classes, eval_views, cfg, device)
+
+
+def format_table(rows: dict[str, dict[str, Any]], title: str = "") -> str:
+    """A plain-text table: one row per encoder, one column per top-1 accuracy (the metrics
+    are fractions; the table shows percent)."""
+    columns: list[str] = []
+    for metrics in rows.values():
+        columns += [k for k in metrics if k not in columns and "top1" in k]
+    name_width = max([len("encoder")] + [len(r) for r in rows])
+    widths = [max(len(c), 6) for c in columns]
+    lines = [title] if title else []
+    header = "encoder".ljust(name_width) + "  " + "  ".join(c.rjust(w) for c, w in zip(columns, widths))
+    lines += [header, "-" * len(header)]
+    for name, metrics in rows.items():
+        cells = [f"{100 * metrics[c]:.2f}" if c in metrics else "-" for c in columns]
+        lines.append(name.ljust(name_width) + "  " + "  ".join(v.rjust(w) for v, w in zip(cells, widths)))
+    return "\n".join(lines)

@@ -1,0 +1,324 @@
+"""The one training loop shared by every method.
+
+Step order (DESIGN.md), at one documented place, ``Trainer._optimisation_step``:
+
+    set lr / wd -> for each micro-batch: views on device, forward under autocast,
+    finite-loss check, backward (``no_sync`` on all but the last micro-batch)
+    -> method.on_after_backward -> clip, optimiser step, zero grad
+    -> EMA for each (student, teacher) pair -> method.on_step_end -> log
+
+The finite-loss check runs before ``backward`` rather than at the end, so a NaN never reaches
+the weights, the optimiser state or a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from selfsup.config import Config, dump_config
+from selfsup.data.loader import EpochBatchSampler, iterate_batches
+from selfsup.engine import distributed as engine_dist
+from selfsup.engine.build import Components, build_backbone, build_components
+from selfsup.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from selfsup.engine.evaluation import evaluate_encoder, format_table, raw_pixel_metrics
+from selfsup.engine.logging import RunLogger, plot_loss_curve
+from selfsup.engine.optim import build_optimizer, set_schedule
+from selfsup.engine.schedules import cosine_schedule, scaled_lr
+from selfsup.methods.base import Batch, StepInfo
+from selfsup.nn.ema import update_ema
+from selfsup.transforms import to_float
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; names the step and every loss part."""
+
+    def __init__(self, step: int, parts: dict[str, float]) -> None:
+        self.step = step
+        self.parts = parts
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
+        super().__init__(f"non-finite loss at step {step}: {shown}. The last checkpoint is intact; "
+                         "lower optim.lr, enable optim.clip_grad, or use train.precision=fp32.")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def default_run_name(cfg: Config) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.method['name']}-{cfg.data['name']}-{stamp}"
+
+
+class Trainer:
+    """Pretrains ``cfg.method`` on ``cfg.data`` and evaluates it; everything goes in one run
+    folder: ``config.yaml``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/last.pt``,
+    ``backbone.safetensors``, ``results.json``, ``loss_curve.png``."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.dist = engine_dist.setup()
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = self.dist.device if self.dist.device is not None else resolve_device(cfg.train.device)
+        random.seed(cfg.train.seed)
+        self.run_dir, resume_from = self._run_dir()
+        self.parts: Components = build_components(cfg, self.device)
+        self.method = self.parts.method
+        if cfg.train.sync_batchnorm and self.dist.world_size > 1:
+            self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+        if cfg.train.channels_last:
+            self.method = self.method.to(memory_format=torch.channels_last)
+        self.model = engine_dist.wrap(self.method, self.dist)
+
+        splits = self.parts.splits
+        self.sampler = EpochBatchSampler(len(splits.pretrain), cfg.train.batch_size, cfg.train.seed,
+                                         rank=self.dist.rank, world_size=self.dist.world_size)
+        if self.sampler.steps_per_epoch == 0:
+            raise ValueError(f"the pretraining split has {len(splits.pretrain)} images, fewer than one "
+                             f"global batch of {cfg.train.batch_size * self.dist.world_size}")
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        by_epochs = max(1, round(cfg.train.epochs * self.steps_per_epoch))
+        self.total_steps = min(by_epochs, cfg.train.max_steps) if cfg.train.max_steps else by_epochs
+        self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+
+        self.global_batch = cfg.train.batch_size * self.dist.world_size
+        rule = cfg.optim.lr_scaling or self.method.lr_scaling
+        self.peak_lr = scaled_lr(cfg.optim.lr, self.global_batch, rule)
+        self.optimizer = build_optimizer(self.method.param_groups(), cfg.optim, self.peak_lr)
+        self.ema_range = cfg.train.ema_momentum or self.method.default_ema_momentum
+        self.resolved = {"world_size": self.dist.world_size, "global_batch": self.global_batch,
+                         "lr_scaling": rule, "peak_lr": self.peak_lr, "steps_per_epoch": self.steps_per_epoch,
+                         "total_steps": self.total_steps, "view_recipe": type(self.parts.train_views).__name__}
+
+        self.start_step = 0
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.logger = RunLogger(self.run_dir, cfg.run.tensorboard, enabled=self.dist.is_main)
+        if self.dist.is_main:
+            dump_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "resolved.json").write_text(json.dumps(self.resolved, indent=2))
+
+    # ------------------------------------------------------------------ setup helpers
+    def _run_dir(self) -> tuple[Path, Path | None]:
+        """The run folder and the checkpoint to resume from, if any."""
+        cfg = self.cfg
+        resume = cfg.run.resume
+        if resume not in (None, "auto"):
+            path = Path(resume)
+            ckpt = path / "checkpoints" / "last.pt" if path.is_dir() else path
+            run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+            return run_dir, ckpt
+        name = cfg.run.name or engine_dist.broadcast_object(default_run_name(cfg), self.dist)
+        run_dir = Path(cfg.run.out_dir) / name
+        ckpt = run_dir / "checkpoints" / "last.pt"
+        return run_dir, (ckpt if resume == "auto" and ckpt.is_file() else None)
+
+    def _restore(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_step = int(state["step"])
+        rng = state["rng"]
+        if isinstance(rng, list):  # one state per process of the run that saved it
+            rng = rng[self.dist.rank] if len(rng) == self.dist.world_size else None
+        if rng is not None:
+            set_rng_state(rng)
+        else:  # another process count: a fresh, still deterministic, stream per process
+            torch.manual_seed(self.cfg.train.seed + 1000003 * self.start_step + self.dist.rank)
+        if self.dist.is_main:  # drop records of steps that will run again
+            metrics = self.run_dir / "metrics.jsonl"
+            if metrics.is_file():
+                kept = [line for line in metrics.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) < self.start_step]
+                metrics.write_text("".join(line + "\n" for line in kept))
+
+    def checkpoint(self, next_step: int) -> None:
+        """Saves everything needed to continue at ``next_step`` (main process writes)."""
+        states = engine_dist.gather_objects(rng_state(), self.dist)
+        if not self.dist.is_main:
+            return
+        save_checkpoint(self.run_dir / "checkpoints" / "last.pt", {
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": next_step,
+            "rng": states,
+            "config": self.cfg.to_dict(),
+            "resolved": self.resolved,
+        })
+
+    # ------------------------------------------------------------------ schedules
+    def step_info(self, step: int) -> StepInfo:
+        cfg = self.cfg
+        lr = cosine_schedule(step, self.total_steps, self.peak_lr, self.peak_lr * cfg.optim.min_lr_ratio,
+                             self.warmup_steps)
+        wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
+        wd = cosine_schedule(step, self.total_steps, cfg.optim.weight_decay, wd_end)
+        m_start, m_end = self.ema_range
+        momentum = cosine_schedule(step, self.total_steps, m_start, m_end)
+        return StepInfo(step=step, total_steps=self.total_steps, epoch=step / self.steps_per_epoch,
+                        lr=lr, weight_decay=wd, ema_momentum=momentum)
+
+    # ------------------------------------------------------------------ the loop
+    def _batches(self, step: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        while True:
+            yield from iterate_batches(self.parts.splits.pretrain, self.sampler, epoch, offset,
+                                       num_workers=self.cfg.train.num_workers)
+            epoch, offset = epoch + 1, 0
+
+    def _optimisation_step(self, images: Tensor, labels: Tensor, index: Tensor, info: StepInfo) -> dict[str, float]:
+        cfg = self.cfg.train
+        set_schedule(self.optimizer, info.lr, info.weight_decay)
+        images = images.to(self.device, non_blocking=True)
+        chunks = list(zip(images.chunk(cfg.accum_steps), labels.chunk(cfg.accum_steps),
+                          index.chunk(cfg.accum_steps)))
+        totals: dict[str, float] = {}
+        for i, (x_u8, y, idx) in enumerate(chunks):
+            x = to_float(x_u8)
+            views = self.parts.train_views(x)
+            if cfg.channels_last:
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            labels_seen = y.to(self.device) if getattr(self.method, "needs_labels", False) else None
+            batch = Batch(views=views, index=idx.to(self.device), label=labels_seen, images=x)
+            last = i == len(chunks) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                    out = self.model(batch, info)
+                loss = out["loss"]
+                parts = {k: float(v.detach()) for k, v in out.items()}
+                if not math.isfinite(parts["loss"]):
+                    raise NonFiniteLossError(info.step, parts)
+                (loss / len(chunks)).backward()
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + value / len(chunks)
+        self.method.on_after_backward(info)
+        if self.cfg.optim.clip_grad > 0:
+            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in self.method.parameters() if p.grad is not None], self.cfg.optim.clip_grad))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for student, teacher in self.method.ema_pairs():
+                update_ema(student, teacher, info.ema_momentum)
+        self.method.on_step_end(info)
+        return totals
+
+    def fit(self) -> dict[str, Any]:
+        """Trains to ``total_steps`` (from a checkpoint if resuming), then evaluates."""
+        cfg = self.cfg
+        from tqdm.auto import tqdm
+
+        self.method.train()
+        bar = tqdm(total=self.total_steps, initial=self.start_step, unit="step", dynamic_ncols=True,
+                   disable=not (cfg.train.progress and self.dist.is_main), desc=f"{cfg.method['name']} pretrain")
+        batches = self._batches(self.start_step)
+        clock, seen = time.perf_counter(), 0
+        try:
+            for step in range(self.start_step, self.total_steps):
+                images, labels, index = next(batches)
+                info = self.step_info(step)
+                parts = self._optimisation_step(images, labels, index, info)
+                seen += images.shape[0] * self.dist.world_size
+                bar.update(1)
+                last = step + 1 == self.total_steps
+                if (step + 1) % cfg.train.log_every == 0 or last:
+                    elapsed = time.perf_counter() - clock
+                    record = {**parts, "lr": info.lr, "wd": info.weight_decay, "epoch": info.epoch,
+                              "images_per_s": seen / max(elapsed, 1e-9)}
+                    if self.method.uses_ema:
+                        record["ema_momentum"] = info.ema_momentum
+                    self.logger.log(record, step)
+                    bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{info.lr:.3g}",
+                                    img_s=f"{record['images_per_s']:.0f}")
+                    clock, seen = time.perf_counter(), 0
+                epoch_end = (step + 1) % self.steps_per_epoch == 0
+                if epoch_end and cfg.train.knn_every and ((step + 1) // self.steps_per_epoch) % cfg.train.knn_every == 0 and not last:
+                    self.logger.log(self.online_knn(), step)
+                if last or epoch_end or (cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0):
+                    self.checkpoint(step + 1)
+        finally:
+            bar.close()
+        results: dict[str, Any] = {}
+        if self.dist.is_main:
+            self.export_backbone()
+            plot_loss_curve(self.run_dir)
+        if cfg.eval.at_end:
+            results = self.evaluate()
+        self.logger.close()
+        return results
+
+    # ------------------------------------------------------------------ evaluation
+    def online_knn(self) -> dict[str, float]:
+        """kNN top-1 on a labelled subset, features in eval mode from un-augmented images."""
+        splits, cfg = self.parts.splits, self.cfg
+        if splits.num_classes < 2:
+            return {}
+        eval_cfg = type(cfg.eval)(**{**cfg.eval.__dict__, "knn_k": [20]})
+        metrics = evaluate_encoder(self.method.embed, self.method, splits.train, splits.test,
+                                   splits.num_classes, self.parts.eval_views, eval_cfg, self.device,
+                                   cfg.train.precision, limit=cfg.train.knn_samples, linear=False,
+                                   gather=self.dist.world_size > 1)
+        return {"knn_top1": metrics["knn_top1@20"]}
+
+    def evaluate(self) -> dict[str, Any]:
+        """Full kNN and linear-probe evaluation of the trained encoder and the baselines;
+        writes ``results.json`` and prints the table."""
+        cfg, splits = self.cfg, self.parts.splits
+        if splits.num_classes < 2:
+            return {}
+        gather = self.dist.world_size > 1
+        rows: dict[str, dict[str, float]] = {}
+        name = f"{cfg.method['name']} ({cfg.backbone['name']})"
+        rows[name] = evaluate_encoder(self.method.embed, self.method, splits.train, splits.test,
+                                      splits.num_classes, self.parts.eval_views, cfg.eval, self.device,
+                                      cfg.train.precision, seed=cfg.train.seed, gather=gather)
+        if cfg.eval.baselines:
+            torch.manual_seed(cfg.train.seed)
+            random_init = build_backbone(cfg, splits).to(self.device)
+            rows[f"random-init {cfg.backbone['name']}"] = evaluate_encoder(
+                random_init, random_init, splits.train, splits.test, splits.num_classes,
+                self.parts.eval_views, cfg.eval, self.device, cfg.train.precision, seed=cfg.train.seed,
+                gather=gather)
+            rows["raw pixels"] = raw_pixel_metrics(splits.train, splits.test, splits.num_classes,
+                                                   self.parts.eval_views, cfg.eval, self.device)
+        if self.dist.is_main:
+            table = format_table(rows, f"{splits.name} test set, top-1 (%)")
+            (self.run_dir / "results.json").write_text(json.dumps(rows, indent=2))
+            (self.run_dir / "results.txt").write_text(table + "\n")
+            self.logger.log({f"final/{k}": v for k, v in next(iter(rows.values())).items()}, self.total_steps)
+            print(table, flush=True)
+        return rows
+
+    def export_backbone(self) -> Path:
+        """Writes the trained backbone's weights as ``backbone.safetensors``."""
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in self.method.backbone.state_dict().items()}
+        path = self.run_dir / "backbone.safetensors"
+        save_file(state, str(path), metadata={"backbone": json.dumps(self.cfg.backbone)})
+        return path
+
+
+def pretrain(cfg: Config) -> dict[str, Any]:
+    """Runs a whole pretraining job (the ``selfsup pretrain`` command)."""
+    trainer = Trainer(cfg)
+    try:
+        if trainer.dist.is_main:
+            print(f"run folder: {trainer.run_dir}", flush=True)
+        return trainer.fit()
+    finally:
+        engine_dist.teardown(trainer.dist)

@@ -1,0 +1,94 @@
+"""Self-distillation losses: DINO's centred cross-entropy, its centre update, KoLeo."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from selfsup.losses._utils import full_precision
+from selfsup.nn.distributed import all_reduce_sum
+
+
+@full_precision
+def dino_loss(
+    student_out: Sequence[Tensor],
+    teacher_out: Sequence[Tensor],
+    center: Tensor,
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.04,
+) -> Tensor:
+    """Compute DINO's cross-entropy between teacher and student crop outputs ``(B, K)``.
+
+    ``teacher_out`` holds the teacher's outputs for the global crops, ``student_out`` the
+    student's for every crop, global crops first in the same order. The teacher's
+    targets are ``softmax((t - center) / teacher_temp)`` (detached: the teacher learns by
+    EMA only), the student's predictions ``log_softmax(s / student_temp)``; the loss is
+    ``-sum_k P_t log P_s`` averaged over the batch and over every pair (teacher crop ``i``,
+    student crop ``v``) with ``v != i``. ``center`` is ``(1, K)`` or ``(K,)``.
+    Defaults are the paper's (0.1 and the final teacher temperature 0.04).
+
+    References: Caron et al. 2021, "Emerging Properties in Self-Supervised Vision
+    Transformers" (DINO), arXiv:2104.14294.
+    """
+    if not teacher_out or len(teacher_out) > len(student_out) or len(student_out) < 2:
+        raise ValueError(
+            f"need 1 <= len(teacher_out) <= len(student_out) and len(student_out) >= 2, "
+            f"got {len(teacher_out)} teacher and {len(student_out)} student outputs"
+        )
+    center = center.detach()
+    targets = [F.softmax((t.detach() - center) / teacher_temp, dim=-1) for t in teacher_out]
+    log_preds = [F.log_softmax(s / student_temp, dim=-1) for s in student_out]
+    total = student_out[0].new_zeros(())
+    pairs = 0
+    for i, p_t in enumerate(targets):
+        for v, log_p_s in enumerate(log_preds):
+            if v == i:
+                continue
+            total = total - (p_t * log_p_s).sum(dim=-1).mean()
+            pairs += 1
+    return total / pairs
+
+
+@torch.no_grad()
+def dino_center_update(center: Tensor, teacher_out_cat: Tensor, momentum: float = 0.9) -> Tensor:
+    """Return the new DINO centre ``(1, K)``: ``m * center + (1 - m) * mean(teacher_out)``.
+
+    ``teacher_out_cat (N, K)`` is the teacher's output for all global crops of the local
+    batch, concatenated; the mean is over the global batch (sums and counts all-reduced,
+    so unequal local batch sizes are fine). Pure: ``center`` is not modified. Default
+    momentum 0.9 is the paper's.
+
+    References: Caron et al. 2021, "Emerging Properties in Self-Supervised Vision
+    Transformers" (DINO), arXiv:2104.14294.
+    """
+    t = teacher_out_cat.detach().to(torch.promote_types(teacher_out_cat.dtype, torch.float32))
+    stats = torch.cat([t.sum(dim=0), t.new_full((1,), float(t.shape[0]))])
+    stats = all_reduce_sum(stats)
+    batch_center = (stats[:-1] / stats[-1]).reshape(1, -1)
+    return momentum * center.reshape(1, -1).to(t.dtype) + (1.0 - momentum) * batch_center
+
+
+@full_precision
+def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """Compute the KoLeo regulariser ``-mean_i log(min_{j != i} ||x_i - x_j|| + eps)``, ``(B, D)``.
+
+    Rows are L2-normalised first; the nearest neighbour of each row is found without
+    gradient (maximal dot product), and the distance to it is differentiated. Minimising
+    it spreads the batch uniformly over the sphere (a Kozachenko-Leonenko differential
+    entropy estimate), as DINOv2 uses on the class token.
+
+    References: Sablayrolles et al. 2019, "Spreading vectors for similarity search",
+    arXiv:1806.03198; Oquab et al. 2023, "DINOv2", arXiv:2304.07193.
+    """
+    if x.shape[0] < 2:
+        raise ValueError("koleo_loss needs at least two rows")
+    x = F.normalize(x, dim=1)
+    with torch.no_grad():
+        sim = x @ x.T
+        sim.fill_diagonal_(-float("inf"))
+        nearest = sim.argmax(dim=1)
+    distances = (x - x[nearest]).norm(dim=1)
+    return -torch.log(distances + eps).mean()

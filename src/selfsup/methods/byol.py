@@ -1,0 +1,59 @@
+"""BYOL: an online network predicts a slowly moving target network's projection of another view.
+
+References: Grill et al., "Bootstrap Your Own Latent: A New Approach to Self-Supervised
+Learning", NeurIPS 2020 (arXiv:2006.07733).
+
+Pseudocode::
+
+    z1_t, z2_t = g_t(f_t(v1)), g_t(f_t(v2))         # target network, no gradient
+    p1, p2 = q(g(f(v1))), q(g(f(v2)))               # online network + predictor
+    loss = (2 - 2 cos(p1, z2_t)) + (2 - 2 cos(p2, z1_t))   # symmetrised
+    target = tau * target + (1 - tau) * online      # tau: cosine 0.996 -> 1 (engine)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from selfsup.losses import byol_loss
+from selfsup.methods.base import Batch, Method, StepInfo
+from selfsup.nn.heads import frozen_copy, mlp_head
+from selfsup.registry import METHODS
+
+
+@METHODS.register("byol")
+class BYOL(Method):
+    """BYOL with the paper's heads: projector and predictor 4096 -> BN -> ReLU -> 256.
+
+    Args:
+        backbone: encoder ``(B, C, H, W) -> (B, num_features)``.
+        proj_hidden_dim: hidden width of projector and predictor (paper: 4096).
+        proj_dim: projection size (paper: 256).
+        pred_hidden_dim: hidden width of the predictor (paper: 4096).
+    """
+
+    view_recipe = "asymmetric"
+    uses_ema = True
+    default_ema_momentum = (0.996, 1.0)
+    lr_scaling = "linear"
+
+    def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 4096, proj_dim: int = 256,
+                 pred_hidden_dim: int = 4096) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, 2)
+        self.predictor = mlp_head(proj_dim, pred_hidden_dim, proj_dim, 2)
+        self.teacher_backbone = frozen_copy(backbone)
+        self.teacher_projector = frozen_copy(self.projector)
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.teacher_backbone), (self.projector, self.teacher_projector)]
+
+    def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
+        views = torch.cat([batch.views[0], batch.views[1]])
+        p1, p2 = self.predictor(self.projector(self.backbone(views))).chunk(2)
+        with torch.no_grad():
+            z1_t, z2_t = self.teacher_projector(self.teacher_backbone(views)).chunk(2)
+        loss = byol_loss(p1, z2_t) + byol_loss(p2, z1_t)
+        return {"loss": loss, "z_std": nn.functional.normalize(p1.detach().float(), dim=1).std(0).mean()}

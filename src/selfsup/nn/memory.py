@@ -1,0 +1,162 @@
+"""Feature memories: a FIFO queue of keys (MoCo, SwAV) and a per-sample bank (InstDisc).
+
+Both keep all state in persistent buffers, so ``state_dict`` round-trips restore them
+exactly, and both gather their inputs from every process before writing, so every
+process holds the same memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selfsup.nn.distributed import concat_all_gather
+
+
+class FIFOQueue(nn.Module):
+    """A first-in first-out ring buffer of ``size`` feature vectors of width ``dim``.
+
+    Buffers: ``queue (size, dim)`` initialised with random unit vectors as MoCo does,
+    ``ptr`` (next row to write) and ``filled`` (rows written so far, capped at ``size``).
+
+    References: He et al. 2020, "Momentum Contrast" (MoCo), arXiv:1911.05722; Caron et al.
+    2020, "SwAV", arXiv:2006.09882.
+    """
+
+    queue: Tensor
+    ptr: Tensor
+    filled: Tensor
+
+    def __init__(self, size: int, dim: int, generator: torch.Generator | None = None) -> None:
+        """Create a queue of ``size`` rows of width ``dim`` with random unit-vector rows.
+
+        References: He et al. 2020, "Momentum Contrast" (MoCo), arXiv:1911.05722.
+        """
+        super().__init__()
+        if size <= 0 or dim <= 0:
+            raise ValueError(f"size and dim must be positive, got {size}, {dim}")
+        init = F.normalize(torch.randn(size, dim, generator=generator), dim=1)
+        self.register_buffer("queue", init)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        """Return the capacity of the queue (rows of ``queue``).
+
+        References: He et al. 2020, "Momentum Contrast" (MoCo), arXiv:1911.05722.
+        """
+        return self.queue.shape[0]
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        """Write ``keys (B, D)`` from every process, oldest rows first out, wrapping around.
+
+        The keys of all processes are concatenated in rank order first, so every process's
+        queue stays identical. Any ``B`` works: a batch larger than the queue keeps only its
+        last ``size`` rows, exactly as writing it row by row would. Keys are stored as
+        given (normalise them beforehand if the method needs unit vectors).
+
+        References: He et al. 2020, "Momentum Contrast" (MoCo), arXiv:1911.05722.
+        """
+        if keys.ndim != 2 or keys.shape[1] != self.queue.shape[1]:
+            raise ValueError(
+                f"keys must be (B, {self.queue.shape[1]}), got {tuple(keys.shape)}"
+            )
+        keys = concat_all_gather(keys).to(self.queue.dtype)
+        n = keys.shape[0]
+        if n == 0:
+            return
+        size = self.size
+        ptr = int(self.ptr)
+        # Rows that would be overwritten within this same batch are skipped, which also
+        # keeps the scatter free of duplicate indices (non-deterministic on GPU).
+        skip = max(0, n - size)
+        rows = (ptr + skip + torch.arange(n - skip, device=self.queue.device)) % size
+        self.queue[rows] = keys[skip:]
+        self.ptr.fill_((ptr + n) % size)
+        self.filled.fill_(min(int(self.filled) + n, size))
+
+    def values(self, only_filled: bool = True) -> Tensor:
+        """Return the stored keys, ``(filled, D)`` by default or ``(size, D)`` with init rows.
+
+        Only-filled (the default) is what SwAV needs: early in training the random init
+        rows are not features. MoCo uses its random init as negatives from the first step,
+        which ``only_filled=False`` reproduces. Rows are in storage order, not age order;
+        the result is a copy, so a later ``enqueue`` cannot alter a tensor saved for backward.
+
+        References: He et al. 2020, "Momentum Contrast" (MoCo), arXiv:1911.05722; Caron et
+        al. 2020, "SwAV", arXiv:2006.09882.
+        """
+        if only_filled:
+            # Until the first wrap-around the written rows are exactly the first `filled`.
+            return self.queue[: int(self.filled)].clone()
+        return self.queue.clone()
+
+
+class IndexMemoryBank(nn.Module):
+    """One feature vector per dataset sample, ``bank (N, D)``, updated by momentum.
+
+    Initialised with random unit vectors.
+
+    References: Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric
+    Instance Discrimination" (InstDisc), arXiv:1805.01978.
+    """
+
+    bank: Tensor
+
+    def __init__(
+        self, num_samples: int, dim: int, generator: torch.Generator | None = None
+    ) -> None:
+        """Create a bank of ``num_samples`` random unit vectors of width ``dim``.
+
+        References: Wu et al. 2018, InstDisc, arXiv:1805.01978.
+        """
+        super().__init__()
+        if num_samples <= 0 or dim <= 0:
+            raise ValueError(f"num_samples and dim must be positive, got {num_samples}, {dim}")
+        init = F.normalize(torch.randn(num_samples, dim, generator=generator), dim=1)
+        self.register_buffer("bank", init)
+
+    @torch.no_grad()
+    def update(self, index: Tensor, features: Tensor, momentum: float = 0.5) -> None:
+        """Blend ``features (B, D)`` into rows ``index (B,)``: ``normalize(m*bank + (1-m)*f)``.
+
+        Indices and features of all processes are gathered first so every bank stays
+        identical. Indices should be distinct within a (global) batch; with repeats one of
+        the updates wins. Default momentum 0.5 is the paper's.
+
+        References: Wu et al. 2018, InstDisc, arXiv:1805.01978.
+        """
+        if features.ndim != 2 or index.shape != features.shape[:1]:
+            raise ValueError(
+                f"index must be (B,) and features (B, D), got {tuple(index.shape)}, "
+                f"{tuple(features.shape)}"
+            )
+        index = concat_all_gather(index.to(self.bank.device, torch.long))
+        features = concat_all_gather(features).to(self.bank.dtype)
+        mixed = momentum * self.bank[index] + (1.0 - momentum) * features
+        self.bank[index] = F.normalize(mixed, dim=1)
+
+    def get(self, index: Tensor) -> Tensor:
+        """Return a copy of the rows ``index (B,)`` as ``(B, D)``.
+
+        References: Wu et al. 2018, InstDisc, arXiv:1805.01978.
+        """
+        return self.bank[index.to(self.bank.device, torch.long)].clone()
+
+    def sample_negatives(
+        self, n: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Draw ``n`` rows uniformly with replacement: indices ``(n,)`` and features ``(n, D)``.
+
+        Uniform noise is InstDisc's ``P_n = 1/N``. The generator, if given, must live on the
+        bank's device. Reshape to ``(B, K, D)`` for per-sample negatives.
+
+        References: Wu et al. 2018, InstDisc, arXiv:1805.01978.
+        """
+        idx = torch.randint(
+            self.bank.shape[0], (n,), generator=generator, device=self.bank.device
+        )
+        return idx, self.bank[idx].clone()
