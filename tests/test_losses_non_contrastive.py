@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
 
 from selfsup.losses import barlow_twins_loss, byol_loss, negative_cosine
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Intra-op threads spin-wait badly on a shared machine; tiny tensors need none.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:

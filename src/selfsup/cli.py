@@ -1,6 +1,8 @@
 """Command line: ``selfsup pretrain | resume | eval | list``.
 
     selfsup pretrain configs/simclr/fashion_mnist.yaml train.epochs=5 method.temperature=0.2
+    selfsup pretrain configs/simclr/fashion_mnist.yaml --nproc 4       # 4 processes (torchrun)
+    torchrun --nproc_per_node 4 -m selfsup.cli pretrain configs/simclr/fashion_mnist.yaml
     selfsup resume runs/simclr-fashion-mnist-20261123-101500
     selfsup eval knn runs/simclr-fashion-mnist-20261123-101500
     selfsup eval linear runs/.../checkpoints/last.pt eval.linear_epochs=50
@@ -11,30 +13,69 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from selfsup.config import ConfigError, apply_overrides, from_dict, load_config
+
+
+def _launch(args: argparse.Namespace, target: str, command: str) -> int | None:
+    """Starts ``--nproc`` workers running this command (``None``: run in this process)."""
+    if args.nproc <= 1:
+        return None
+    from selfsup.engine.launch import launch_local, under_launcher
+
+    if under_launcher():
+        print("error: --nproc starts processes itself; under torchrun leave it out "
+              "(torchrun's --nproc_per_node sets the process count)", file=sys.stderr)
+        return 2
+    return launch_local(args.nproc, target, args.overrides, command)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from selfsup.engine.trainer import pretrain
 
-    cfg = load_config(args.config, args.overrides)
-    if args.nproc > 1:
-        from selfsup.engine.launch import launch_local
-
-        return launch_local(args.nproc, args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # config errors show before any process starts
+    launched = _launch(args, args.config, "pretrain")
+    if launched is not None:
+        return launched
     pretrain(cfg)
     return 0
+
+
+def _keep_global_batch(state: dict[str, Any], overrides: list[str]) -> list[str]:
+    """Overrides that keep the checkpoint's global batch with this job's process count.
+
+    Steps, epochs and the lr schedule are in units of the global batch, so resuming with
+    another number of processes changes the per-process batch instead (unless the user set
+    ``train.batch_size`` explicitly; the trainer then checks the product).
+    """
+    resolved = state.get("resolved") or {}
+    saved = resolved.get("global_batch")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if saved is None or world == resolved.get("world_size", 1) or any(
+            o.startswith("train.batch_size=") for o in overrides):
+        return overrides
+    if saved % world:
+        raise ConfigError(f"the checkpoint's global batch {saved} does not split into {world} processes; "
+                          "resume with a process count that divides it")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"resume: keeping the global batch of {saved}: train.batch_size={saved // world} "
+              f"on each of {world} process(es) (was {resolved.get('world_size', 1)})", flush=True)
+    return [*overrides, f"train.batch_size={saved // world}"]
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from selfsup.engine.checkpoint import load_checkpoint
     from selfsup.engine.trainer import pretrain
 
-    state = load_checkpoint(args.run)
-    tree = apply_overrides(state["config"], args.overrides)
+    state = load_checkpoint(args.run)  # errors show before any process starts
+    launched = _launch(args, str(args.run), "resume")
+    if launched is not None:
+        return launched
+    tree = apply_overrides(state["config"], _keep_global_batch(state, list(args.overrides)))
     tree["run"] = {**tree.get("run", {}), "resume": str(args.run)}
     pretrain(from_dict(tree))
     return 0
@@ -87,12 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain an encoder from a YAML config")
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
-    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine, one per GPU (torchrun); train.batch_size is per process")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("resume", help="continue a run from its last checkpoint")
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("overrides", nargs="*")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (torchrun); the global batch of the run is kept")
     p.set_defaults(func=_cmd_resume)
 
     p = sub.add_parser("eval", help="evaluate a run's encoder with labels")

@@ -17,6 +17,8 @@ from selfsup.config import EvalConfig
 from selfsup.data import ImageDataset
 from selfsup.data.loader import iterate_eval
 from selfsup.eval import extract_features, knn_classify, linear_probe
+from selfsup.nn.distributed import rank as dist_rank
+from selfsup.nn.distributed import world_size as dist_world_size
 from selfsup.transforms import to_float
 
 
@@ -43,14 +45,29 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+def shard(n: int, rank: int, world_size: int) -> range:
+    """This process's contiguous share of ``range(n)``: shares differ in size by at most one
+    and, concatenated in rank order, give ``range(n)`` back."""
+    return range(rank * n // world_size, (rank + 1) * n // world_size)
+
+
 def encode(encoder: Callable[[Tensor], Tensor], dataset: ImageDataset, eval_views: nn.Module,
            device: torch.device, batch_size: int = 512, limit: int | None = None,
            precision: str = "fp32", num_workers: int = 0, gather: bool = False) -> tuple[Tensor, Tensor]:
-    """Features ``(N, D)`` float32 and labels ``(N,)`` of (the first ``limit`` of) a split."""
+    """Features ``(N, D)`` float32 and labels ``(N,)`` of (the first ``limit`` of) a split.
+
+    With ``gather`` and several processes, each process encodes only its contiguous shard
+    of the ``N`` samples and the shards are gathered in rank order, so every process returns
+    the same ``(N, D)`` in dataset order, as a single process would (encoding the whole split
+    everywhere and gathering would repeat every sample ``world_size`` times).
+    """
 
     def preprocess(images: Tensor) -> Tensor:
         return eval_views(to_float(images.to(device, non_blocking=True)))[0]
 
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if gather and dist_world_size() > 1:
+        dataset, limit = dataset.subset(list(shard(n, dist_rank(), dist_world_size()))), None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     with autocast:
         features, labels = extract_features(

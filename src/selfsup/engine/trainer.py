@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from selfsup.config import Config, dump_config
 from selfsup.data.loader import EpochBatchSampler, iterate_batches
 from selfsup.engine import distributed as engine_dist
 from selfsup.engine.build import Components, build_backbone, build_components
-from selfsup.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from selfsup.engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from selfsup.engine.evaluation import evaluate_encoder, format_table, raw_pixel_metrics
 from selfsup.engine.logging import RunLogger, plot_loss_curve
 from selfsup.engine.optim import build_optimizer, set_schedule
@@ -69,16 +69,24 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.dist = engine_dist.setup()
+        self.dist = engine_dist.setup(cfg.train.device)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         self.device = self.dist.device if self.dist.device is not None else resolve_device(cfg.train.device)
         random.seed(cfg.train.seed)
         self.run_dir, resume_from = self._run_dir()
         self.parts: Components = build_components(cfg, self.device)
+        if self.dist.rank > 0:
+            # Every process built the same initial model from the same seed; from here on each
+            # draws its own augmentations and masks (identical draws on different images
+            # would correlate the views across processes). Rank 0 keeps the seed's stream, so
+            # its randomness is that of a single-process run.
+            torch.manual_seed(cfg.train.seed + 1000003 * self.dist.rank)
         self.method = self.parts.method
         if cfg.train.sync_batchnorm and self.dist.world_size > 1:
-            self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+            # Before DDP and the optimiser: both must see the converted module, whose BN
+            # layers share the original parameter tensors.
+            self.method = engine_dist.convert_sync_batchnorm(self.method, self.device)
         if cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         self.model = engine_dist.wrap(self.method, self.dist)
@@ -99,7 +107,8 @@ class Trainer:
         self.peak_lr = scaled_lr(cfg.optim.lr, self.global_batch, rule)
         self.optimizer = build_optimizer(self.method.param_groups(), cfg.optim, self.peak_lr)
         self.ema_range = cfg.train.ema_momentum or self.method.default_ema_momentum
-        self.resolved = {"world_size": self.dist.world_size, "global_batch": self.global_batch,
+        self.resolved = {"world_size": self.dist.world_size, "batch_size_per_process": cfg.train.batch_size,
+                         "global_batch": self.global_batch,
                          "lr_scaling": rule, "peak_lr": self.peak_lr, "steps_per_epoch": self.steps_per_epoch,
                          "total_steps": self.total_steps, "view_recipe": type(self.parts.train_views).__name__}
 
@@ -113,7 +122,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup helpers
     def _run_dir(self) -> tuple[Path, Path | None]:
-        """The run folder and the checkpoint to resume from, if any."""
+        """The run folder and the checkpoint to resume from, if any, as rank 0 sees them.
+
+        Decided on rank 0 and broadcast: every process must agree on the folder (a time-stamped
+        default name could differ by a second) and on whether to resume (a process that
+        restores while another starts afresh would run different steps and deadlock). The run
+        folder must be on a file system every machine can read to resume a multi-node run.
+        """
         cfg = self.cfg
         resume = cfg.run.resume
         if resume not in (None, "auto"):
@@ -121,13 +136,24 @@ class Trainer:
             ckpt = path / "checkpoints" / "last.pt" if path.is_dir() else path
             run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
             return run_dir, ckpt
-        name = cfg.run.name or engine_dist.broadcast_object(default_run_name(cfg), self.dist)
-        run_dir = Path(cfg.run.out_dir) / name
+        run_dir = Path(cfg.run.out_dir) / (cfg.run.name or default_run_name(cfg))
         ckpt = run_dir / "checkpoints" / "last.pt"
-        return run_dir, (ckpt if resume == "auto" and ckpt.is_file() else None)
+        found = ckpt if resume == "auto" and ckpt.is_file() else None
+        return engine_dist.broadcast_object((run_dir, found), self.dist)
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
+        saved_batch = state.get("resolved", {}).get("global_batch")
+        if saved_batch is not None and saved_batch != self.global_batch:
+            # Steps, epochs, the data order and the lr schedule are all in units of the global
+            # batch: continuing with another one would silently become a different run.
+            saved_world = state["resolved"].get("world_size", 1)
+            raise CheckpointError(
+                f"{path} was trained with a global batch of {saved_batch} ({saved_world} process(es) x "
+                f"{saved_batch // saved_world}); this run has {self.dist.world_size} x {self.cfg.train.batch_size} "
+                f"= {self.global_batch}. Keep the global batch: set train.batch_size="
+                f"{saved_batch // self.dist.world_size if saved_batch % self.dist.world_size == 0 else '?'} "
+                "(with train.accum_steps to fit in memory); `selfsup resume` does this by itself.")
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_step = int(state["step"])
@@ -147,6 +173,7 @@ class Trainer:
 
     def checkpoint(self, next_step: int) -> None:
         """Saves everything needed to continue at ``next_step`` (main process writes)."""
+        engine_dist.average_batchnorm_stats(self.method, self.dist)
         states = engine_dist.gather_objects(rng_state(), self.dist)
         if not self.dist.is_main:
             return
@@ -199,7 +226,7 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                     out = self.model(batch, info)
                 loss = out["loss"]
-                parts = {k: float(v.detach()) for k, v in out.items()}
+                parts = {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in out.items()}
                 if not math.isfinite(parts["loss"]):
                     raise NonFiniteLossError(info.step, parts)
                 (loss / len(chunks)).backward()
@@ -231,11 +258,17 @@ class Trainer:
             for step in range(self.start_step, self.total_steps):
                 images, labels, index = next(batches)
                 info = self.step_info(step)
-                parts = self._optimisation_step(images, labels, index, info)
-                seen += images.shape[0] * self.dist.world_size
+                if images.shape[0] >= 2:
+                    parts = self._optimisation_step(images, labels, index, info)
+                    seen += images.shape[0] * self.dist.world_size
+                else:  # every image of this batch failed to decode (counted by the dataset)
+                    parts = {}
                 bar.update(1)
                 last = step + 1 == self.total_steps
-                if (step + 1) % cfg.train.log_every == 0 or last:
+                if parts and ((step + 1) % cfg.train.log_every == 0 or last):
+                    # Every process reaches this on the same steps; the mean over processes
+                    # is the global batch's loss, comparable with a single-process run.
+                    parts = engine_dist.mean_over_ranks(parts, self.dist)
                     elapsed = time.perf_counter() - clock
                     record = {**parts, "lr": info.lr, "wd": info.weight_decay, "epoch": info.epoch,
                               "images_per_s": seen / max(elapsed, 1e-9)}
@@ -253,7 +286,7 @@ class Trainer:
         finally:
             bar.close()
         results: dict[str, Any] = {}
-        if self.dist.is_main:
+        if self.dist.is_main:  # the last step's checkpoint already averaged the BN statistics
             self.export_backbone()
             plot_loss_curve(self.run_dir)
         if cfg.eval.at_end:
@@ -267,6 +300,7 @@ class Trainer:
         splits, cfg = self.parts.splits, self.cfg
         if splits.num_classes < 2:
             return {}
+        engine_dist.average_batchnorm_stats(self.method, self.dist)  # one model on every process
         eval_cfg = type(cfg.eval)(**{**cfg.eval.__dict__, "knn_k": [20]})
         metrics = evaluate_encoder(self.method.embed, self.method, splits.train, splits.test,
                                    splits.num_classes, self.parts.eval_views, eval_cfg, self.device,
@@ -280,21 +314,33 @@ class Trainer:
         cfg, splits = self.cfg, self.parts.splits
         if splits.num_classes < 2:
             return {}
+        engine_dist.average_batchnorm_stats(self.method, self.dist)  # one model on every process
+        # Each process encodes its shard of every split and the features are gathered, so
+        # every process scores the whole split (rank 0 writes the results).
         gather = self.dist.world_size > 1
-        rows: dict[str, dict[str, float]] = {}
-        name = f"{cfg.method['name']} ({cfg.backbone['name']})"
-        rows[name] = evaluate_encoder(self.method.embed, self.method, splits.train, splits.test,
-                                      splits.num_classes, self.parts.eval_views, cfg.eval, self.device,
-                                      cfg.train.precision, seed=cfg.train.seed, gather=gather)
+        from tqdm.auto import tqdm
+
+        encoders: list[tuple[str, Any, nn.Module]] = [
+            (f"{cfg.method['name']} ({cfg.backbone['name']})", self.method.embed, self.method)]
         if cfg.eval.baselines:
             torch.manual_seed(cfg.train.seed)
             random_init = build_backbone(cfg, splits).to(self.device)
-            rows[f"random-init {cfg.backbone['name']}"] = evaluate_encoder(
-                random_init, random_init, splits.train, splits.test, splits.num_classes,
-                self.parts.eval_views, cfg.eval, self.device, cfg.train.precision, seed=cfg.train.seed,
-                gather=gather)
+            encoders.append((f"random-init {cfg.backbone['name']}", random_init, random_init))
+        bar = tqdm(total=len(encoders) + cfg.eval.baselines, desc="evaluate (kNN, linear probe)", unit="encoder",
+                   disable=not (cfg.train.progress and self.dist.is_main), dynamic_ncols=True)
+        rows: dict[str, dict[str, float]] = {}
+        for name, encoder, module in encoders:
+            bar.set_postfix_str(name)
+            rows[name] = evaluate_encoder(encoder, module, splits.train, splits.test, splits.num_classes,
+                                          self.parts.eval_views, cfg.eval, self.device, cfg.train.precision,
+                                          seed=cfg.train.seed, gather=gather)
+            bar.update(1)
+        if cfg.eval.baselines:
+            bar.set_postfix_str("raw pixels")
             rows["raw pixels"] = raw_pixel_metrics(splits.train, splits.test, splits.num_classes,
                                                    self.parts.eval_views, cfg.eval, self.device)
+            bar.update(1)
+        bar.close()
         if self.dist.is_main:
             table = format_table(rows, f"{splits.name} test set, top-1 (%)")
             (self.run_dir / "results.json").write_text(json.dumps(rows, indent=2))
@@ -319,6 +365,8 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     try:
         if trainer.dist.is_main:
             print(f"run folder: {trainer.run_dir}", flush=True)
-        return trainer.fit()
+        results = trainer.fit()
+        engine_dist.barrier(trainer.dist)
+        return results
     finally:
         engine_dist.teardown(trainer.dist)

@@ -82,17 +82,23 @@ class Method(nn.Module):
         default_ema_momentum: ``(start, end)`` of the cosine momentum schedule.
         lr_scaling: default rule relating lr to batch size: ``"linear"`` (lr * B / 256),
             ``"sqrt"`` or ``"none"``.
+        find_unused_parameters: set ``True`` when some trainable parameters may get no
+            gradient in a step (e.g. a head used only on some steps): DistributedDataParallel
+            must then search the graph for them each step, which costs time, so it is off
+            by default.
     """
 
     view_recipe: str = "two_views"
     uses_ema: bool = False
     default_ema_momentum: tuple[float, float] = (0.996, 1.0)
     lr_scaling: str = "linear"
+    find_unused_parameters: bool = False
 
     backbone: nn.Module
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
-        """Returns ``{"loss": total, "<part>_loss": ..., other monitored scalars}``."""
+        """Returns ``{"loss": total, "<part>_loss": ..., other monitored scalars}``; ``loss`` is
+        a scalar tensor, monitors may be tensors or floats."""
         raise NotImplementedError
 
     def forward(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:  # type: ignore[override]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from selfsup.eval.monitors import feature_std
 from selfsup.losses import byol_loss
 from selfsup.methods.base import Batch, Method, StepInfo
 from selfsup.nn.heads import frozen_copy, mlp_head
@@ -56,4 +57,4 @@ class BYOL(Method):
         with torch.no_grad():
             z1_t, z2_t = self.teacher_projector(self.teacher_backbone(views)).chunk(2)
         loss = byol_loss(p1, z2_t) + byol_loss(p2, z1_t)
-        return {"loss": loss, "z_std": nn.functional.normalize(p1.detach().float(), dim=1).std(0).mean()}
+        return {"loss": loss, "z_std": feature_std(p1)}

@@ -17,11 +17,14 @@ Pseudocode (Algorithm 1 of MoCo)::
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from selfsup.eval.monitors import feature_std
 from selfsup.losses import info_nce
 from selfsup.methods.base import Batch, Method, StepInfo
+from selfsup.nn.distributed import concat_all_gather, is_dist, rank, world_size
 from selfsup.nn.heads import frozen_copy, mlp_head
 from selfsup.nn.memory import FIFOQueue
 from selfsup.registry import METHODS
@@ -31,6 +34,45 @@ def default_queue_size(num_samples: int) -> int:
     """The paper's 65536 keys, capped at a quarter of the dataset so that a small dataset's
     queue does not hold many stale keys of each query's own image."""
     return max(256, min(65536, num_samples // 4))
+
+
+@torch.no_grad()
+def shuffle_across_processes(x: Tensor) -> tuple[Tensor, Tensor]:
+    """This process's share ``(B, ...)`` of a random shuffle of every process's ``x (B, ...)``,
+    and the global permutation ``(W * B,)`` that :func:`unshuffle_across_processes` undoes.
+
+    The first half of shuffling BN: the key encoder then normalises each key with statistics
+    of a random subset of the global batch, not of the sub-batch its query came from, so a
+    query and its positive key cannot share batch statistics ("cheat the pretext task").
+    Every process draws a permutation (so all consume their RNG alike) and rank 0's is
+    broadcast. All processes need the same ``B``. In a single process it is a plain shuffle.
+
+    References: He et al. 2020, "Momentum Contrast", arXiv:1911.05722, section 3.3 and
+    Algorithm 1 (the official ``_batch_shuffle_ddp``).
+    """
+    b = x.shape[0]
+    x_all = concat_all_gather(x)
+    perm = torch.randperm(x_all.shape[0], device=x.device)
+    if is_dist():
+        dist.broadcast(perm, src=0)
+    r = rank()
+    return x_all[perm[r * b : (r + 1) * b]], perm
+
+
+@torch.no_grad()
+def unshuffle_across_processes(y: Tensor, perm: Tensor) -> Tensor:
+    """The outputs ``(B, ...)`` for this process's original samples, from every process's
+    outputs ``y (B, ...)`` on its share of the shuffle ``perm`` (see
+    :func:`shuffle_across_processes`): position ``j`` of the gathered outputs holds sample
+    ``perm[j]``, so sample ``i`` sits at ``argsort(perm)[i]``.
+
+    References: He et al. 2020, "Momentum Contrast", arXiv:1911.05722, Algorithm 1 (the
+    official ``_batch_unshuffle_ddp``).
+    """
+    b = y.shape[0]
+    y_all = concat_all_gather(y)
+    r = rank()
+    return y_all[torch.argsort(perm)[r * b : (r + 1) * b]]
 
 
 @METHODS.register("moco_v2")
@@ -45,7 +87,12 @@ class MoCoV2(Method):
         queue_size: number of negative keys; ``None`` = ``default_queue_size(num_samples)``.
         shuffle_bn_groups: BN groups to emulate shuffling BN in one process: keys and queries
             are each computed in this many sub-batches, the keys on a random permutation, so
-            a query and its key never share batch statistics (MoCo section 3.3).
+            a query and its key never share batch statistics (MoCo section 3.3). With several
+            processes each process is one BN group and the keys are shuffled across processes
+            (the paper's implementation), so this is unused; one process with
+            ``shuffle_bn_groups=W`` and batch ``W * B`` computes what ``W`` processes with batch
+            ``B`` compute. Leave ``train.sync_batchnorm`` off for MoCo: global statistics would
+            undo the shuffle.
         symmetric: also swap the roles of the two views (a common MoCo v2 variant).
     """
 
@@ -73,10 +120,11 @@ class MoCoV2(Method):
 
     def _grouped(self, encoder: nn.Module, x: Tensor, order: Tensor | None = None) -> Tensor:
         """Encodes ``x`` in ``shuffle_bn_groups`` sub-batches (in ``order`` if given), returns
-        embeddings in the original order."""
+        embeddings in the original order. With several processes the process is the group."""
         if order is not None:
             x = x[order]
-        out = torch.cat([encoder(chunk) for chunk in x.chunk(max(1, self.shuffle_bn_groups))])
+        groups = max(1, self.shuffle_bn_groups) if world_size() == 1 else 1
+        out = torch.cat([encoder(chunk) for chunk in x.chunk(groups)])
         if order is not None:
             out = out[torch.argsort(order)]
         return out
@@ -86,8 +134,14 @@ class MoCoV2(Method):
 
     @torch.no_grad()
     def _key(self, x: Tensor) -> Tensor:
-        order = torch.randperm(x.shape[0], device=x.device)
-        k = self._grouped(lambda v: self.teacher_projector(self.teacher_backbone(v)), x, order)
+        def encoder(v: Tensor) -> Tensor:
+            return self.teacher_projector(self.teacher_backbone(v))
+
+        if world_size() > 1:
+            shuffled, perm = shuffle_across_processes(x)
+            k = unshuffle_across_processes(encoder(shuffled), perm)
+        else:
+            k = self._grouped(encoder, x, torch.randperm(x.shape[0], device=x.device))
         return F.normalize(k.float(), dim=1)
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
@@ -103,7 +157,7 @@ class MoCoV2(Method):
             loss = 0.5 * (loss + info_nce(q2, k1, negatives=negatives, temperature=self.temperature))
             keys.append(k1)
         self._pending_keys.extend(keys)
-        return {"loss": loss, "z_std": q1.detach().float().std(dim=0).mean()}
+        return {"loss": loss, "z_std": feature_std(q1)}
 
     def on_step_end(self, step: StepInfo) -> None:
         # The queue changes only here, after the optimiser step, never inside the forward.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from selfsup.eval.monitors import feature_std
 from selfsup.losses import nt_xent
 from selfsup.methods.base import Batch, Method, StepInfo
 from selfsup.nn.heads import mlp_head
@@ -53,11 +54,4 @@ class SimCLR(Method):
         z = self.projector(self.backbone(torch.cat([x1, x2])))
         z1, z2 = z.chunk(2)
         loss = nt_xent(z1, z2, temperature=self.temperature, gather=self.gather)
-        return {"loss": loss, "z_std": _normalized_std(z1)}
-
-
-def _normalized_std(z: Tensor) -> Tensor:
-    """Mean per-dimension std of L2-normalised embeddings (collapse monitor: ~1/sqrt(D)
-    when healthy, 0 when collapsed; Chen & He 2020, arXiv:2011.10566)."""
-    z = nn.functional.normalize(z.detach().float(), dim=1)
-    return z.std(dim=0).mean()
+        return {"loss": loss, "z_std": feature_std(z1)}

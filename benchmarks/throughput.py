@@ -1,0 +1,149 @@
+"""Training throughput and peak memory of every registered method, next to its bare backbone.
+
+For each method, on synthetic uint8 images of the chosen size, this times the engine's real
+optimisation step (augmentation on the device, forward, loss, backward, optimiser, EMA,
+queue updates) and, on the same views, a bare backbone forward+backward with a trivial loss.
+The ratio shows what the method's heads, loss and extra encoders cost. Each method runs in a
+fresh subprocess so peak memory (max RSS on CPU, max allocated on CUDA) is its own.
+
+    python benchmarks/throughput.py                      # all methods, ConvNet, 28 px
+    python benchmarks/throughput.py --methods simclr byol --backbone resnet18 --image-size 32
+    python benchmarks/throughput.py --device cuda --batch-size 256 --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def _measure(args: argparse.Namespace) -> dict[str, float]:
+    import torch
+
+    from selfsup.config import load_config
+    from selfsup.engine.build import build_method, build_views
+    from selfsup.engine.optim import build_optimizer
+    from selfsup.engine.trainer import Trainer, resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    size, channels = args.image_size, args.channels
+    images = torch.randint(0, 256, (args.batch_size, channels, size, size), dtype=torch.uint8)
+    labels = torch.zeros(args.batch_size, dtype=torch.long)
+    index = torch.arange(args.batch_size)
+
+    class Splits:  # the facts the builders read, without loading a dataset
+        name = "synthetic"
+        in_channels, image_size, num_classes = channels, size, 10
+        mean, std = (0.5,) * channels, (0.25,) * channels
+        pretrain = range(args.batch_size * 100)
+
+    cfg = load_config(None, [f"method.name={args.method}", f"backbone.name={args.backbone}",
+                             f"train.batch_size={args.batch_size}", f"train.precision={args.precision}",
+                             f"train.channels_last={str(args.channels_last).lower()}", "train.progress=false"])
+    for key, value in json.loads(args.backbone_options).items():
+        cfg.backbone[key] = value
+    splits = Splits()
+    method = build_method(cfg, splits).to(device)  # type: ignore[arg-type]
+    views = build_views(cfg, splits).to(device)  # type: ignore[arg-type]
+    if args.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+
+    trainer = Trainer.__new__(Trainer)  # the real step, without a run folder or dataset
+    trainer.cfg, trainer.device, trainer.method, trainer.model = cfg, device, method, method
+    trainer.parts = type("Parts", (), {"train_views": views})()
+    trainer.optimizer = build_optimizer(method.param_groups(), cfg.optim, cfg.optim.lr)
+    trainer.total_steps = trainer.steps_per_epoch = 1000
+    trainer.ema_range = method.default_ema_momentum
+    trainer.peak_lr, trainer.warmup_steps = cfg.optim.lr, 0
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn, steps: int) -> float:  # type: ignore[no-untyped-def]
+        for _ in range(args.warmup):
+            fn()
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync()
+        return steps * args.batch_size / (time.perf_counter() - start)
+
+    step_counter = iter(range(10**9))
+    method_ips = timed(lambda: trainer._optimisation_step(images, labels, index, trainer.step_info(next(step_counter))),
+                       args.steps)
+
+    backbone = method.backbone
+    fixed_views = views(images.to(device).float() / 255)
+    if args.channels_last:
+        fixed_views = [v.contiguous(memory_format=torch.channels_last) for v in fixed_views]
+    params = [p for p in backbone.parameters() if p.requires_grad]
+    bare_opt = torch.optim.SGD(params, lr=1e-3)
+
+    def bare_step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = sum(backbone(v).float().pow(2).mean() for v in fixed_views)
+        loss.backward()
+        bare_opt.step()
+        bare_opt.zero_grad(set_to_none=True)
+
+    bare_ips = timed(bare_step, args.steps)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"method_images_per_s": method_ips, "backbone_images_per_s": bare_ips, "peak_memory_mb": peak_mb,
+            "views": len(fixed_views)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
+    parser.add_argument("--backbone", default="convnet")
+    parser.add_argument("--backbone-options", default='{"width": 32}', help="JSON of backbone options")
+    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--method", help=argparse.SUPPRESS)  # internal: measure one method, print JSON
+    args = parser.parse_args()
+
+    if args.method:
+        print(json.dumps(_measure(args)))
+        return
+
+    from selfsup.registry import METHODS
+
+    methods = args.methods or METHODS.names()
+    passthrough = [a for a in sys.argv[1:] if a != "--methods" and a not in methods]
+    print(f"backbone={args.backbone} {args.backbone_options} image={args.channels}x{args.image_size}px "
+          f"batch={args.batch_size} precision={args.precision} channels_last={args.channels_last} "
+          f"device={args.device}")
+    header = f"{'method':<12} {'views':>5} {'train img/s':>12} {'backbone img/s':>15} {'ratio':>6} {'peak MB':>8}"
+    print(header)
+    print("-" * len(header))
+    for name in methods:
+        cmd = [sys.executable, __file__, "--method", name, *passthrough]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{name:<12} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{name:<12} {r['views']:>5} {r['method_images_per_s']:>12.0f} {r['backbone_images_per_s']:>15.0f} "
+              f"{r['method_images_per_s'] / r['backbone_images_per_s']:>6.2f} {r['peak_memory_mb']:>8.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""DINO: self-distillation with no labels; a student matches a momentum teacher's centred,
+sharpened output distribution across multi-crop views.
+
+References: Caron, Touvron, Misra, Jégou, Mairal, Bojanowski & Joulin, "Emerging Properties
+in Self-Supervised Vision Transformers", ICCV 2021 (arXiv:2104.14294).
+
+Pseudocode (Algorithm 1 of the paper, with multi-crop)::
+
+    gs, gt: student and teacher networks (backbone + DINO head), gt = copy of gs
+    s = gs(all crops)                      # one backbone call per crop size
+    t = gt(global crops)                   # the teacher sees the global crops only
+    loss = mean_{i global, v != i} H(softmax((t_i - C) / tau_t), softmax(s_v / tau_s))
+    loss.backward(); (first epoch: no update of the last layer); update(gs)
+    gt.params = l * gt.params + (1 - l) * gs.params       # engine, ema_pairs()
+    C = m * C + (1 - m) * mean(t)                         # on_step_end
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from selfsup.engine.schedules import linear_warmup
+from selfsup.losses import dino_center_update, dino_loss
+from selfsup.methods.base import Batch, Method, StepInfo
+from selfsup.nn.heads import frozen_copy
+from selfsup.nn.multicrop import encode_by_resolution
+from selfsup.registry import METHODS
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head ``(B, in_dim) -> (B, out_dim)``.
+
+    "The projection head consists of a 3-layer multi-layer perceptron (MLP) with hidden
+    dimension 2048 followed by l2 normalization and a weight normalized fully connected
+    layer with K dimensions." The MLP uses GELU and ends in a ``bottleneck_dim`` (256)
+    layer. The last layer is ``W = g * V / ||V||`` row-wise; with ``norm_last_layer`` the
+    gain ``g`` stays 1 (not trained) and the outputs are ``K`` cosine similarities ("not
+    normalizing leads to better performance but can make the training unstable", reference
+    code).
+
+    Attributes:
+        mlp: the 3-layer MLP ``(B, in_dim) -> (B, bottleneck_dim)``.
+        last_layer_v: ``(K, bottleneck_dim)`` direction of the last layer's weights.
+        last_layer_g: ``(K, 1)`` gain of the last layer's rows (frozen at 1 by default).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, use_bn: bool = False, norm_last_layer: bool = True) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(2):
+            layers += [nn.Linear(dim, hidden_dim), *([nn.BatchNorm1d(hidden_dim)] if use_bn else []), nn.GELU()]
+            dim = hidden_dim
+        layers.append(nn.Linear(dim, bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):  # the reference code's initialisation
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        # nn.Linear's default initialisation for the directions, as in the reference code.
+        self.last_layer_v = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
+        nn.init.kaiming_uniform_(self.last_layer_v, a=math.sqrt(5))
+        self.last_layer_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        """The weight-normalised last layer's parameters (frozen during the first epoch)."""
+        return [self.last_layer_v, self.last_layer_g]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)
+        return F.linear(x, self.last_layer_g * F.normalize(self.last_layer_v, dim=1))
+
+
+@METHODS.register("dino")
+class DINO(Method):
+    """DINO with the paper's head, temperatures, centring and multi-crop.
+
+    Works with any backbone (ResNet, ConvNet, ViT; a ViT's positional embeddings are
+    interpolated for the local crops). Clip gradients with ``optim.clip_grad`` (paper: 3.0)
+    and schedule weight decay with ``optim.weight_decay_end`` (paper: 0.04 -> 0.4).
+
+    Args:
+        backbone: encoder ``(B, C, H, W) -> (B, num_features)``.
+        proj_hidden_dim: hidden width of the head's MLP (paper: 2048).
+        proj_dim: bottleneck before the last layer (paper: 256).
+        out_dim: ``K``, output size of the head (paper: 65536).
+        norm_last_layer: keep the last layer's row norms at 1 (paper: true).
+        head_bn: BatchNorm in the head's MLP (the reference code's ``use_bn_in_head``; off).
+        student_temp: student softmax temperature (paper: 0.1).
+        warmup_teacher_temp: teacher temperature at epoch 0 (paper: 0.04).
+        teacher_temp: teacher temperature after the warm-up (paper: 0.07).
+        warmup_teacher_temp_epochs: length of the linear teacher-temperature warm-up
+            (paper: 30 epochs).
+        center_momentum: momentum of the centre's moving average (paper: 0.9).
+        num_global_crops: leading views the teacher sees; must equal the view recipe's
+            ``num_global`` (paper: 2).
+        freeze_last_layer_epochs: epochs during which the head's last layer is not updated
+            (paper: 1).
+    """
+
+    view_recipe = "multi_crop"
+    uses_ema = True
+    default_ema_momentum = (0.996, 1.0)
+    lr_scaling = "linear"
+
+    center: Tensor
+
+    def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_dim: int = 256,
+                 out_dim: int = 65536, norm_last_layer: bool = True, head_bn: bool = False,
+                 student_temp: float = 0.1, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.07,
+                 warmup_teacher_temp_epochs: float = 30.0, center_momentum: float = 0.9,
+                 num_global_crops: int = 2, freeze_last_layer_epochs: float = 1.0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = DINOHead(backbone.num_features, out_dim, proj_hidden_dim, proj_dim, head_bn, norm_last_layer)
+        self.teacher_backbone = frozen_copy(backbone)
+        self.teacher_head = frozen_copy(self.head)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.student_temp = student_temp
+        self.warmup_teacher_temp = warmup_teacher_temp
+        self.teacher_temp = teacher_temp
+        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.center_momentum = center_momentum
+        self.num_global_crops = num_global_crops
+        self.freeze_last_layer_epochs = freeze_last_layer_epochs
+        self._pending_teacher: list[Tensor] = []
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
+
+    def teacher_temperature(self, epoch: float) -> float:
+        """The teacher temperature at (float) ``epoch``: linear warm-up, then constant."""
+        return linear_warmup(epoch, self.warmup_teacher_temp_epochs, self.warmup_teacher_temp,  # type: ignore[arg-type]
+                             self.teacher_temp)
+
+    def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
+        views = batch.views
+        if len(views) < 2 or not 1 <= self.num_global_crops <= len(views):
+            raise ValueError(f"DINO needs at least 2 views, num_global_crops={self.num_global_crops} of "
+                             f"them global; got {len(views)}")
+        student_out = self.head(encode_by_resolution(self.backbone, views)).chunk(len(views))
+        with torch.no_grad():
+            global_crops = torch.cat(list(views[: self.num_global_crops]))
+            teacher_cat = self.teacher_head(self.teacher_backbone(global_crops)).float()
+        teacher_temp = self.teacher_temperature(step.epoch)
+        loss = dino_loss(student_out, teacher_cat.chunk(self.num_global_crops), self.center,
+                         student_temp=self.student_temp, teacher_temp=teacher_temp)
+        # Kept for on_step_end (one entry per accumulated micro-batch): the forward never
+        # changes the centre itself.
+        self._pending_teacher.append(teacher_cat)
+        entropy = _entropy(F.softmax((teacher_cat - self.center) / teacher_temp, dim=-1))
+        return {"loss": loss, "teacher_temp": loss.new_tensor(teacher_temp), "teacher_entropy": entropy}
+
+    def on_after_backward(self, step: StepInfo) -> None:
+        # "Typically [keeping the output layer fixed] during the first epoch helps training"
+        # (reference code). No gradient, rather than a zero one, so that neither weight decay
+        # nor optimiser momentum moves it.
+        if step.epoch < self.freeze_last_layer_epochs:
+            for p in self.head.last_layer_parameters():
+                p.grad = None
+
+    @torch.no_grad()
+    def on_step_end(self, step: StepInfo) -> None:
+        if self._pending_teacher:
+            teacher_out = torch.cat(self._pending_teacher)
+            self.center.copy_(dino_center_update(self.center, teacher_out, self.center_momentum))
+        self._pending_teacher.clear()
+
+
+def _entropy(p: Tensor) -> Tensor:
+    """Mean entropy of the rows of ``(B, K)`` distributions: log K when uniform (collapse to
+    uniformity), 0 when one-hot (collapse to one dimension); DINO's Figure 7 monitor."""
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=-1).mean().detach()

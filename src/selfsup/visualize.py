@@ -1,0 +1,214 @@
+"""Visualise a trained run: the class token's self-attention maps of a ViT (DINO's Figure 1).
+
+    selfsup visualize attention runs/dino-digits-... --images 0 1 2 3
+    selfsup visualize attention runs/dino-digits-.../checkpoints/last.pt --images photos/ --out maps/
+
+For each image one PNG is written: the image, then the last block's attention of the class
+token to every patch, one panel per head, upsampled to the image size.
+
+References: Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers"
+(DINO), arXiv:2104.14294, Section 4.2.1 and the reference ``visualize_attention.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+# torch and the engine are imported inside the functions: `selfsup --help` and the
+# argument parsing below stay instant (the CLI imports this module to build its parser).
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from selfsup.data.base import DataSplits
+    from selfsup.methods.base import Method
+
+__all__ = ["attention_maps", "cls_attention_maps", "configure_parser", "main"]
+
+
+def cls_attention_maps(attention: Tensor, grid: tuple[int, int], patch_size: int) -> Tensor:
+    """Turn last-block attention ``(B, heads, 1 + L, 1 + L)`` into per-head maps ``(B, heads,
+    grid_h * p, grid_w * p)``: row 0 (the class token) over the ``L`` patch tokens, laid out
+    on the row-major patch grid and upsampled by nearest neighbour, so every pixel of a patch
+    shows that patch's weight (as the reference ``visualize_attention.py`` does)."""
+    import torch.nn.functional as F
+
+    b, heads, n, _ = attention.shape
+    gh, gw = grid
+    if n != 1 + gh * gw:
+        raise ValueError(f"attention over {n} tokens does not fit a {gh}x{gw} patch grid plus the class token")
+    maps = attention[:, :, 0, 1:].reshape(b, heads, gh, gw)
+    return F.interpolate(maps, scale_factor=patch_size, mode="nearest")
+
+
+def _attention_backbone(method: Method, use_teacher: bool) -> nn.Module:
+    """The backbone to visualise: the method's, or its EMA teacher where it declares one
+    (DINO's maps come from the teacher)."""
+    backbone = method.backbone
+    if use_teacher:
+        for student, teacher in method.ema_pairs():
+            if student is backbone:
+                return teacher
+    return backbone
+
+
+def _load_images(source: str | Path | Sequence[int], splits: DataSplits, image_size: int, in_channels: int,
+                 split: str) -> tuple[Tensor, list[str]]:
+    """``(N, C, S, S)`` uint8 images and a name for each, from a folder / file or indices."""
+    import torch
+
+    from selfsup.data.base import ImageDataset
+    from selfsup.data.datasets import IMAGE_EXTENSIONS, ImageFolderDataset
+
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            files = [path]
+        else:
+            raise FileNotFoundError(f"no image file or folder at {str(path)!r}")
+        if not files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(path)!r}")
+        dataset = ImageFolderDataset([str(f) for f in files], None, image_size, "L" if in_channels == 1 else "RGB",
+                                     on_error="raise")
+        return torch.stack([dataset.load(i) for i in range(len(dataset))]), [f.stem for f in files]
+    data: ImageDataset = getattr(splits, split)
+    indices = [int(i) for i in source]
+    if not indices:
+        raise ValueError("give at least one dataset index")
+    samples = [data[i] for i in indices]
+    return torch.stack([s[0] for s in samples]), [f"{split}_{i}" for i in indices]
+
+
+def attention_maps(run_dir_or_ckpt: str | Path, images_path_or_dataset_indices: str | Path | Sequence[int],
+                   out_dir: str | Path, *, split: str = "test", image_size: int | None = None,
+                   use_teacher: bool = True, device: str = "cpu") -> list[Path]:
+    """Write one PNG per image with the class token's last-block attention of every head.
+
+    Args:
+        run_dir_or_ckpt: a run folder or a checkpoint file written by ``selfsup pretrain``;
+            its backbone must be a ViT (anything with ``get_last_self_attention`` and
+            ``patch_size``).
+        images_path_or_dataset_indices: an image file, a folder of image files (searched
+            recursively), or indices into the run's dataset split ``split``.
+        out_dir: folder for the PNGs (created).
+        split: ``"test"``, ``"train"`` or ``"pretrain"``, for dataset indices.
+        image_size: side to view the images at (a multiple of the patch size; the ViT
+            interpolates its position embeddings); default the run's training size.
+        use_teacher: use the EMA teacher's backbone when the method has one (DINO's maps
+            come from the teacher).
+        device: where to run the backbone.
+
+    Returns:
+        The written PNG paths, in input order.
+
+    Raises:
+        TypeError: the run's backbone is not a ViT.
+    """
+    import matplotlib
+    import torch
+
+    from selfsup.config import from_dict
+    from selfsup.engine.build import build_data, build_method
+    from selfsup.engine.checkpoint import load_checkpoint
+    from selfsup.registry import VIEW_RECIPES
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    state = load_checkpoint(run_dir_or_ckpt)
+    cfg = from_dict(state["config"])
+    splits = build_data(cfg)
+    method = build_method(cfg, splits)
+    backbone = _attention_backbone(method, use_teacher)
+    if not hasattr(backbone, "get_last_self_attention"):
+        raise TypeError(f"attention maps need a ViT backbone (vit_tiny, vit_small, vit_base); this run's "
+                        f"backbone is {cfg.backbone['name']!r} ({type(backbone).__name__})")
+    method.load_state_dict(state["method"])
+    backbone = backbone.to(device).eval()
+    patch = int(backbone.patch_size)
+    size = image_size or splits.image_size
+    if size % patch:
+        raise ValueError(f"image_size {size} is not a multiple of the patch size {patch}")
+
+    images, names = _load_images(images_path_or_dataset_indices, splits, size, splits.in_channels, split)
+    # The evaluation recipe at `size`: resize (a no-op for files decoded at that size) and
+    # normalise with the training statistics.
+    views = VIEW_RECIPES.build("eval", image_size=size, in_channels=splits.in_channels, mean=splits.mean,
+                               std=splits.std)
+    x = views(images)[0]
+    with torch.no_grad():
+        attention = backbone.get_last_self_attention(x.to(device)).float().cpu()
+    maps = cls_attention_maps(attention, (size // patch, size // patch), patch)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shown = images.float().div(255.0).permute(0, 2, 3, 1)
+    paths: list[Path] = []
+    heads = maps.shape[1]
+    for i, name in enumerate(names):
+        fig, axes = plt.subplots(1, heads + 1, figsize=(2.2 * (heads + 1), 2.4), squeeze=False)
+        img = shown[i].squeeze(-1) if shown.shape[-1] == 1 else shown[i]
+        axes[0, 0].imshow(img.numpy(), cmap="gray" if img.ndim == 2 else None, vmin=0.0, vmax=1.0)
+        axes[0, 0].set_title(name, fontsize=8)
+        for h in range(heads):
+            axes[0, h + 1].imshow(maps[i, h].numpy(), cmap="inferno")
+            axes[0, h + 1].set_title(f"head {h}", fontsize=8)
+        for ax in axes[0]:
+            ax.axis("off")
+        fig.tight_layout()
+        path = out / f"attention_{i:03d}_{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the ``attention`` sub-command to ``parser`` (``selfsup visualize``); the parsed
+    arguments carry ``func`` returning the exit status."""
+    sub = parser.add_subparsers(dest="visualization", required=True)
+    p = sub.add_parser("attention", help="class-token attention maps of a ViT run (DINO)")
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("--images", nargs="+", required=True,
+                   help="an image file, a folder of images, or dataset indices (e.g. 0 1 2)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/attention)")
+    p.add_argument("--split", default="test", choices=["test", "train", "pretrain"],
+                   help="dataset split the indices refer to")
+    p.add_argument("--image-size", type=int, default=None, help="view the images at this side")
+    p.add_argument("--student", action="store_true", help="use the student even if there is an EMA teacher")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_attention)
+
+
+def _cmd_attention(args: argparse.Namespace) -> int:
+    source: str | list[int]
+    if all(item.lstrip("-").isdigit() for item in args.images):
+        source = [int(item) for item in args.images]
+    elif len(args.images) == 1:
+        source = args.images[0]
+    else:
+        raise SystemExit("--images takes one file or folder, or dataset indices")
+    run = Path(args.run)
+    out = Path(args.out) if args.out else (run if run.is_dir() else run.parent.parent) / "attention"
+    paths = attention_maps(run, source, out, split=args.split, image_size=args.image_size,
+                           use_teacher=not args.student, device=args.device)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m selfsup.visualize attention RUN --images ...``."""
+    parser = argparse.ArgumentParser(prog="selfsup visualize", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    configure_parser(parser)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
