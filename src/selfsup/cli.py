@@ -1,4 +1,4 @@
-"""Command line: ``selfsup pretrain | resume | eval | list``.
+"""Command line: ``selfsup pretrain | resume | eval | list | visualize``.
 
     selfsup pretrain configs/simclr/fashion_mnist.yaml train.epochs=5 method.temperature=0.2
     selfsup pretrain configs/simclr/fashion_mnist.yaml --nproc 4       # 4 processes (torchrun)
@@ -7,6 +7,7 @@
     selfsup eval knn runs/simclr-fashion-mnist-20261123-101500
     selfsup eval linear runs/.../checkpoints/last.pt eval.linear_epochs=50
     selfsup list methods
+    selfsup visualize attention runs/dino-... --images 0 1 2
 """
 
 from __future__ import annotations
@@ -150,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list registered components")
     p.add_argument("what", choices=["methods", "backbones", "datasets", "views"])
     p.set_defaults(func=_cmd_list)
+
+    from selfsup import visualize  # light: torch is imported only when a command runs
+
+    visualize.configure_parser(sub.add_parser("visualize", help="visualise a run (ViT attention maps)"))
     return parser
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 from selfsup.config import Config, dump_config
 from selfsup.data.loader import EpochBatchSampler, iterate_batches
 from selfsup.engine import distributed as engine_dist
-from selfsup.engine.build import Components, build_backbone, build_components
+from selfsup.engine.build import Components, build_backbone, build_components, view_recipe_name
 from selfsup.engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from selfsup.engine.evaluation import evaluate_encoder, format_table, raw_pixel_metrics
 from selfsup.engine.logging import RunLogger, plot_loss_curve
@@ -94,9 +94,6 @@ class Trainer:
         splits = self.parts.splits
         self.sampler = EpochBatchSampler(len(splits.pretrain), cfg.train.batch_size, cfg.train.seed,
                                          rank=self.dist.rank, world_size=self.dist.world_size)
-        if self.sampler.steps_per_epoch == 0:
-            raise ValueError(f"the pretraining split has {len(splits.pretrain)} images, fewer than one "
-                             f"global batch of {cfg.train.batch_size * self.dist.world_size}")
         self.steps_per_epoch = self.sampler.steps_per_epoch
         by_epochs = max(1, round(cfg.train.epochs * self.steps_per_epoch))
         self.total_steps = min(by_epochs, cfg.train.max_steps) if cfg.train.max_steps else by_epochs
@@ -110,7 +107,7 @@ class Trainer:
         self.resolved = {"world_size": self.dist.world_size, "batch_size_per_process": cfg.train.batch_size,
                          "global_batch": self.global_batch,
                          "lr_scaling": rule, "peak_lr": self.peak_lr, "steps_per_epoch": self.steps_per_epoch,
-                         "total_steps": self.total_steps, "view_recipe": type(self.parts.train_views).__name__}
+                         "total_steps": self.total_steps, "view_recipe": view_recipe_name(cfg)}
 
         self.start_step = 0
         if resume_from is not None:

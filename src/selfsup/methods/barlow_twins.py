@@ -21,8 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
-from torch.nn import functional as F
 
+from selfsup.eval.monitors import feature_std
 from selfsup.losses import barlow_twins_loss
 from selfsup.methods.base import Batch, Method, StepInfo
 from selfsup.nn.heads import mlp_head
@@ -75,5 +75,4 @@ class BarlowTwins(Method):
         # One pass per view, as in the authors' code: each view's BN statistics are its own.
         z_a, z_b = self.projector(self.backbone(y_a)), self.projector(self.backbone(y_b))
         loss = barlow_twins_loss(z_a, z_b, lambda_offdiag=self.lambda_offdiag, gather=self.gather)
-        z_std = F.normalize(z_a.detach().float(), dim=1).std(dim=0).mean()
-        return {"loss": loss, "z_std": z_std}
+        return {"loss": loss, "z_std": feature_std(z_a)}

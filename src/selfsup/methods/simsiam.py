@@ -18,16 +18,11 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from selfsup.eval.monitors import feature_std
 from selfsup.losses import negative_cosine
 from selfsup.methods.base import Batch, Method, StepInfo
 from selfsup.nn.heads import mlp_head
 from selfsup.registry import METHODS
-
-
-def normalized_std(z: Tensor) -> Tensor:
-    """Collapse monitor of the paper's Figure 2: the mean per-dimension std of ``(B, D)``
-    L2-normalised outputs, about ``1 / sqrt(D)`` when spread, 0 when collapsed."""
-    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
 
 
 @METHODS.register("simsiam")
@@ -83,4 +78,4 @@ class SimSiam(Method):
         z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
         p1, p2 = self.predictor(z1), self.predictor(z2)
         loss = 0.5 * (self._distance(p1, z2) + self._distance(p2, z1))
-        return {"loss": loss, "z_std": normalized_std(z1), "p_std": normalized_std(p1)}
+        return {"loss": loss, "z_std": feature_std(z1), "p_std": feature_std(p1)}

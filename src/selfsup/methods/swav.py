@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from selfsup.eval.monitors import feature_std
 from selfsup.losses import swav_loss
 from selfsup.methods.base import Batch, Method, StepInfo
 from selfsup.nn.distributed import rank, world_size
@@ -120,7 +121,7 @@ class SwAV(Method):
         # Enqueued only in on_step_end: the forward never changes state.
         if self.queue is not None and step.epoch >= self.epoch_queue_starts:
             self._pending.append(z[: self.num_global_crops * b].detach())
-        return {"loss": loss, "z_std": z[:b].detach().float().std(dim=0).mean()}
+        return {"loss": loss, "z_std": feature_std(z[:b])}
 
     def on_after_backward(self, step: StepInfo) -> None:
         # Frozen prototypes get no gradient at all, not a zero one, so that neither weight
