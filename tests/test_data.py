@@ -512,7 +512,7 @@ def test_build_data_registry_and_unknown_kwarg() -> None:
     with pytest.raises(DataError) as err:
         build_data("digits", imgae_size=16)
     msg = str(err.value)
-    assert "'imgae_size'" in msg and "did you mean 'image_size'" in msg and "test_fraction" in msg
+    assert "imgae_size" in msg and "did you mean 'image_size'" in msg and "test_fraction" in msg
     with pytest.raises(DataError, match="needs path="):
         build_data("npz")
     assert build_data("digits", limit=20).summary().startswith("digits: pretrain=20")

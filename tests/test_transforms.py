@@ -181,9 +181,9 @@ def test_recipe_rejects_wrong_channel_count() -> None:
 
 
 def test_unknown_option_error_names_closest_option() -> None:
-    with pytest.raises(TypeError, match=r"no option 'crop_scal'.*did you mean 'crop_scale'"):
+    with pytest.raises(TypeError, match=r"'views.crop_scal'.*did you mean 'crop_scale'"):
         build("two_views", 3, crop_scal=(0.2, 1.0))
-    with pytest.raises(TypeError, match="'dino_asymetry'.*'dino_asymmetry'"):
+    with pytest.raises(TypeError, match="'views.dino_asymetry'.*'dino_asymmetry'"):
         build("multi_crop", 3, dino_asymetry=True)
     with pytest.raises(RegistryError, match="did you mean 'two_views'"):
         build_view_recipe("two_view", image_size=SIZE, in_channels=3, mean=[0.5], std=[0.5])

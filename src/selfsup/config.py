@@ -250,11 +250,13 @@ def _unknown_key(key: str, valid: Sequence[str], where: str) -> ConfigError:
 
 
 def check_options(factory: Callable[..., Any], options: Mapping[str, Any], section: str,
-                  reserved: Sequence[str] = ()) -> dict[str, Any]:
-    """Validates keyword ``options`` against ``factory``'s signature (names and types).
+                  reserved: Sequence[str] = (), error: type[Exception] = ConfigError,
+                  require: bool = False) -> dict[str, Any]:
+    """Validates keyword ``options`` against ``factory``'s signature (names and types) and
+    returns them type-coerced; raises ``error`` naming the key and the closest valid one.
 
     ``reserved`` names are passed by the engine itself (e.g. ``in_channels``) and may not be
-    set by the user.
+    set by the user. With ``require``, parameters without a default must be present.
     """
     target = factory.__init__ if inspect.isclass(factory) else factory
     signature = inspect.signature(factory)
@@ -268,15 +270,24 @@ def check_options(factory: Callable[..., Any], options: Mapping[str, Any], secti
     }
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     checked = {}
-    for key, value in options.items():
-        if key in reserved:
-            raise ConfigError(f"{section}.{key} is set by the engine and cannot be configured")
-        if key not in params:
-            if accepts_any:
-                checked[key] = value
-                continue
-            raise _unknown_key(f"{section}.{key}", list(params), f"section {section!r}")
-        checked[key] = coerce(value, hints.get(key, params[key].annotation), f"{section}.{key}")
+    try:
+        for key, value in options.items():
+            if key in reserved:
+                raise ConfigError(f"{section}.{key} is set by the engine and cannot be configured")
+            if key not in params:
+                if accepts_any:
+                    checked[key] = value
+                    continue
+                raise _unknown_key(f"{section}.{key}", list(params), f"section {section!r}")
+            checked[key] = coerce(value, hints.get(key, params[key].annotation), f"{section}.{key}")
+        missing = [k for k, p in params.items() if require and p.default is p.empty and k not in options]
+        if missing:
+            raise ConfigError(f"{section} needs {', '.join(f'{k}=...' for k in missing)} "
+                              f"(valid options: {', '.join(params)})")
+    except ConfigError as err:
+        if error is ConfigError:
+            raise
+        raise error(str(err)) from None
     return checked
 
 

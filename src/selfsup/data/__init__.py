@@ -10,8 +10,6 @@ Typical use::
 
 from __future__ import annotations
 
-import difflib
-import inspect
 from typing import Any
 
 from selfsup.data import datasets  # noqa: F401  (registers the builders)
@@ -28,6 +26,7 @@ from selfsup.data.base import (
 )
 from selfsup.data.datasets import ImageFolderDataset, read_idx, scan_image_folder
 from selfsup.data.loader import EpochBatchSampler, SkipFailedCollate, iterate_batches, iterate_eval
+from selfsup.config import check_options
 from selfsup.registry import DATASETS
 
 __all__ = [
@@ -60,27 +59,4 @@ def build_data(name: str, **kwargs: Any) -> DataSplits:
         RegistryError: an unknown dataset name.
     """
     factory = DATASETS.get(name)
-    params = inspect.signature(factory).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    valid = [
-        p.name
-        for p in params.values()
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    ]
-    if not accepts_any:
-        for key in kwargs:
-            if key not in valid:
-                close = difflib.get_close_matches(key, valid, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise DataError(
-                    f"dataset {name!r} has no option {key!r}{hint} (valid: {', '.join(valid)})"
-                )
-    missing = [
-        k for k in valid if params[k].default is inspect.Parameter.empty and k not in kwargs
-    ]
-    if missing:
-        raise DataError(
-            f"dataset {name!r} needs {', '.join(f'{k}=...' for k in missing)} "
-            f"(valid options: {', '.join(valid)})"
-        )
-    return DATASETS.build(name, **kwargs)
+    return factory(**check_options(factory, kwargs, "data", error=DataError, require=True))

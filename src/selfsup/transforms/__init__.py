@@ -8,10 +8,9 @@ Importing this package registers the view recipes in ``selfsup.registry.VIEW_REC
 
 from __future__ import annotations
 
-import difflib
-import inspect
 from typing import Any
 
+from selfsup.config import check_options
 from selfsup.registry import VIEW_RECIPES
 from selfsup.transforms.mixing import cutmix, mixup
 from selfsup.transforms.ops import Normalize, blur_kernel_size, to_float
@@ -38,15 +37,7 @@ def build_view_recipe(name: str, **kwargs: Any) -> ViewRecipe:
         TypeError: for an option the recipe does not take, naming the closest valid option.
     """
     factory = VIEW_RECIPES.get(name)
-    options = list(inspect.signature(factory).parameters)
-    for key in kwargs:
-        if key not in options:
-            close = difflib.get_close_matches(key, options, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise TypeError(
-                f"view recipe {name!r} has no option {key!r}{hint} (options: {', '.join(options)})"
-            )
-    recipe = factory(**kwargs)
+    recipe = factory(**check_options(factory, kwargs, "views", error=TypeError, require=True))
     if not isinstance(recipe, ViewRecipe):
         raise TypeError(f"view recipe {name!r} built {type(recipe).__name__}, not a ViewRecipe")
     return recipe
