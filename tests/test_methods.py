@@ -11,12 +11,17 @@ from selfsup.methods.base import Batch, Method, StepInfo
 from selfsup.registry import BACKBONES, METHODS, VIEW_RECIPES
 
 METHOD_NAMES = METHODS.names()
-SMALL = {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32}
+SMALL = {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32,
+         "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2}
 
 
 def build(name: str, in_channels: int = 1, image_size: int = 16) -> Method:
     cls = METHODS.get(name)
-    backbone = BACKBONES.build("convnet", in_channels=in_channels, image_size=image_size, width=8)
+    if cls.requires_token_backbone:  # masked image modelling drops or replaces patch tokens
+        backbone = BACKBONES.build("vit_tiny", in_channels=in_channels, image_size=image_size, patch_size=4,
+                                   embed_dim=32, depth=1, num_heads=2)
+    else:
+        backbone = BACKBONES.build("convnet", in_channels=in_channels, image_size=image_size, width=8)
     import inspect
 
     params = inspect.signature(cls).parameters
@@ -29,7 +34,10 @@ def build(name: str, in_channels: int = 1, image_size: int = 16) -> Method:
 
 def make_batch(method: Method, batch_size: int = 8, image_size: int = 16) -> Batch:
     recipe = VIEW_RECIPES.build(method.view_recipe, image_size=image_size, in_channels=1, mean=(0.5,), std=(0.25,))
-    images = torch.rand(batch_size, 1, image_size, image_size)
+    # Smooth random images (4x4 noise upsampled): like natural images, neighbouring pixels
+    # correlate, which masked-prediction methods rely on; white noise has nothing to predict.
+    coarse = torch.rand(batch_size, 1, 4, 4)
+    images = torch.nn.functional.interpolate(coarse, size=image_size, mode="bilinear", align_corners=False)
     return Batch(views=recipe(images), index=torch.arange(batch_size), label=torch.arange(batch_size) % 3,
                  images=images)
 

@@ -17,9 +17,15 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from selfsup.config import ConfigError, apply_overrides, from_dict, load_config
+
+if TYPE_CHECKING:
+    import torch
+
+    from selfsup.config import Config
+    from selfsup.engine.build import Components
 
 
 def _launch(args: argparse.Namespace, target: str, command: str) -> int | None:
@@ -96,6 +102,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     splits = parts.splits
     if splits.num_classes < 2:
         raise ConfigError(f"dataset {splits.name!r} has no labels to evaluate with")
+    if args.protocol == "finetune":
+        return _finetune(args, cfg, parts, device)
     cfg.eval.linear = args.protocol == "linear"
     rows = {}
     metrics = evaluate_encoder(parts.method.embed, parts.method, splits.train, splits.test, splits.num_classes,
@@ -107,6 +115,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         rows["raw pixels"] = raw_pixel_metrics(splits.train, splits.test, splits.num_classes, parts.eval_views,
                                                cfg.eval, device)
     print(format_table(rows, f"{splits.name} test set, top-1 (%)"))
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def _finetune(args: argparse.Namespace, cfg: Config, parts: Components, device: torch.device) -> int:
+    """``selfsup eval finetune``: end-to-end fine-tuning of the run's encoder (or, with
+    ``--from-scratch``, of a freshly initialised one of the same architecture)."""
+    from selfsup.engine.build import build_views
+    from selfsup.engine.evaluation import format_table
+    from selfsup.eval.finetune import finetune, finetune_encoder
+
+    splits = parts.splits
+    encoder = finetune_encoder(parts.method, cfg, splits, from_scratch=args.from_scratch)
+    e = cfg.eval
+    metrics = finetune(encoder, parts.method.num_features, splits.train, splits.test, splits.num_classes,
+                       train_views=build_views(cfg, splits, "single_view").to(device), eval_views=parts.eval_views,
+                       epochs=e.finetune_epochs, batch_size=e.finetune_batch_size, lr=e.finetune_lr,
+                       weight_decay=e.finetune_weight_decay, layer_decay=e.finetune_layer_decay,
+                       label_smoothing=e.finetune_label_smoothing, warmup_epochs=e.finetune_warmup_epochs,
+                       device=device, seed=cfg.train.seed)
+    init = "random init" if args.from_scratch else "pretrained"
+    rows = {f"{cfg.method['name']} ({cfg.backbone['name']}, {init})": metrics}
+    print(format_table(rows, f"{splits.name} test set, fine-tuning top-1 (%)"))
     if args.json:
         print(json.dumps(rows))
     return 0
@@ -141,11 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_resume)
 
     p = sub.add_parser("eval", help="evaluate a run's encoder with labels")
-    p.add_argument("protocol", choices=["knn", "linear"])
+    p.add_argument("protocol", choices=["knn", "linear", "finetune"])
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.knn_k=[10,20]")
     p.add_argument("--baselines", action="store_true", help="also evaluate raw pixels")
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="finetune: train the same architecture from random init (the baseline)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("list", help="list registered components")
@@ -154,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from selfsup import visualize  # light: torch is imported only when a command runs
 
-    visualize.configure_parser(sub.add_parser("visualize", help="visualise a run (ViT attention maps)"))
+    visualize.configure_parser(sub.add_parser("visualize", help="visualise a run (ViT attention maps, MAE reconstructions)"))
     return parser
 
 

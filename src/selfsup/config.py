@@ -106,6 +106,13 @@ class EvalConfig:
         linear_epochs: epochs of the linear probe.
         baselines: also evaluate a random-init encoder and raw pixels.
         batch_size: feature-extraction batch size.
+        finetune_epochs: epochs of ``selfsup eval finetune`` (end-to-end, MAE Appendix A.2).
+        finetune_batch_size: fine-tuning batch size.
+        finetune_lr: peak AdamW lr of fine-tuning (used as given, not batch-scaled).
+        finetune_weight_decay: AdamW weight decay of fine-tuning (MAE: 0.05).
+        finetune_layer_decay: layer-wise lr decay for ViT encoders (MAE ViT-B: 0.65).
+        finetune_label_smoothing: label smoothing of the fine-tuning loss (MAE: 0.1).
+        finetune_warmup_epochs: linear lr warm-up of fine-tuning.
     """
 
     knn_k: list[int] = field(default_factory=lambda: [20, 200])
@@ -115,6 +122,13 @@ class EvalConfig:
     baselines: bool = True
     batch_size: int = 512
     at_end: bool = True
+    finetune_epochs: int = 10
+    finetune_batch_size: int = 128
+    finetune_lr: float = 1e-3
+    finetune_weight_decay: float = 0.05
+    finetune_layer_decay: float = 0.75
+    finetune_label_smoothing: float = 0.1
+    finetune_warmup_epochs: float = 1.0
 
 
 @dataclass

@@ -1,10 +1,13 @@
-"""Visualise a trained run: the class token's self-attention maps of a ViT (DINO's Figure 1).
+"""Visualise a trained run: the class token's self-attention maps of a ViT (DINO's Figure 1),
+or a masked autoencoder's reconstructions (MAE's Figure 2).
 
     selfsup visualize attention runs/dino-digits-... --images 0 1 2 3
     selfsup visualize attention runs/dino-digits-.../checkpoints/last.pt --images photos/ --out maps/
+    selfsup visualize reconstruction runs/mae-digits-... --images 0 1 2 3
 
-For each image one PNG is written: the image, then the last block's attention of the class
-token to every patch, one panel per head, upsampled to the image size.
+``attention`` writes one PNG per image: the image, then the last block's attention of the
+class token to every patch, one panel per head, upsampled to the image size.
+``reconstruction`` writes one PNG grid: input, masked input and reconstruction per image.
 
 References: Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers"
 (DINO), arXiv:2104.14294, Section 4.2.1 and the reference ``visualize_attention.py``.
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
     from selfsup.data.base import DataSplits
     from selfsup.methods.base import Method
 
-__all__ = ["attention_maps", "cls_attention_maps", "configure_parser", "main"]
+__all__ = ["attention_maps", "cls_attention_maps", "configure_parser", "main", "reconstruction_grid"]
 
 
 def cls_attention_maps(attention: Tensor, grid: tuple[int, int], patch_size: int) -> Tensor:
@@ -167,8 +170,86 @@ def attention_maps(run_dir_or_ckpt: str | Path, images_path_or_dataset_indices: 
     return paths
 
 
+def reconstruction_grid(run_dir_or_ckpt: str | Path, images_path_or_dataset_indices: str | Path | Sequence[int],
+                        out_path: str | Path, *, split: str = "test", seed: int = 0,
+                        device: str = "cpu") -> Path:
+    """Write one PNG grid of masked-image-modelling reconstructions (MAE's Figure 2).
+
+    One row per image, three columns: the input, the masked input (hidden patches black),
+    and the reconstruction (prediction on masked patches, input on visible ones). Needs a
+    method with ``reconstruct(images) -> (masked_input, reconstruction)`` (MAE).
+
+    Args:
+        run_dir_or_ckpt: a run folder or a checkpoint file written by ``selfsup pretrain``.
+        images_path_or_dataset_indices: an image file, a folder of images, or indices into
+            the run's dataset split ``split``.
+        out_path: the PNG file to write (parent folders are created).
+        split: ``"test"``, ``"train"`` or ``"pretrain"``, for dataset indices.
+        seed: seeds the random masks, so a figure can be redrawn identically.
+        device: where to run the model.
+
+    Returns:
+        ``out_path`` as a Path.
+
+    Raises:
+        TypeError: the run's method cannot reconstruct images.
+
+    References: He et al. 2021, "Masked Autoencoders Are Scalable Vision Learners",
+    arXiv:2111.06377, Figure 2.
+    """
+    import matplotlib
+    import torch
+
+    from selfsup.config import from_dict
+    from selfsup.engine.build import build_data, build_method
+    from selfsup.engine.checkpoint import load_checkpoint
+    from selfsup.registry import VIEW_RECIPES
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    state = load_checkpoint(run_dir_or_ckpt)
+    cfg = from_dict(state["config"])
+    splits = build_data(cfg)
+    method = build_method(cfg, splits)
+    if not callable(getattr(method, "reconstruct", None)):
+        raise TypeError(f"method {cfg.method['name']!r} ({type(method).__name__}) has no reconstruct(); "
+                        "reconstructions need a masked autoencoder such as mae")
+    method.load_state_dict(state["method"])
+    method = method.to(device).eval()
+    size = splits.image_size
+    images, names = _load_images(images_path_or_dataset_indices, splits, size, splits.in_channels, split)
+    views = VIEW_RECIPES.build("eval", image_size=size, in_channels=splits.in_channels, mean=splits.mean,
+                               std=splits.std)
+    x = views(images)[0].to(device)
+    torch.manual_seed(seed)  # masks draw from the global generator
+    masked, recon = method.reconstruct(x)  # type: ignore[operator]
+    channels = splits.in_channels
+    mean = torch.tensor(list(splits.mean) * (channels // len(splits.mean))).view(1, -1, 1, 1)
+    std = torch.tensor(list(splits.std) * (channels // len(splits.std))).view(1, -1, 1, 1)
+
+    def shown(t: Tensor) -> Tensor:
+        """Undo the normalisation and lay out ``(B, H, W, C)`` in [0, 1] for imshow."""
+        return (t.detach().float().cpu() * std + mean).clamp(0.0, 1.0).permute(0, 2, 3, 1)
+
+    columns = [("input", shown(x)), ("masked", shown(masked)), ("reconstruction", shown(recon))]
+    fig, axes = plt.subplots(len(names), 3, figsize=(6.6, 2.2 * len(names)), squeeze=False)
+    for i, name in enumerate(names):
+        for j, (title, batch) in enumerate(columns):
+            img = batch[i].squeeze(-1) if channels == 1 else batch[i]
+            axes[i, j].imshow(img.numpy(), cmap="gray" if channels == 1 else None, vmin=0.0, vmax=1.0)
+            axes[i, j].set_title(f"{name}: {title}" if j == 0 else title, fontsize=8)
+            axes[i, j].axis("off")
+    fig.tight_layout()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the ``attention`` sub-command to ``parser`` (``selfsup visualize``); the parsed
+    """Add the ``attention`` and ``reconstruction`` sub-commands to ``parser`` (``selfsup visualize``); the parsed
     arguments carry ``func`` returning the exit status."""
     sub = parser.add_subparsers(dest="visualization", required=True)
     p = sub.add_parser("attention", help="class-token attention maps of a ViT run (DINO)")
@@ -183,15 +264,37 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_attention)
 
+    p = sub.add_parser("reconstruction", help="masked-autoencoder reconstructions of a run (MAE)")
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("--images", nargs="+", default=["0", "1", "2", "3"],
+                   help="an image file, a folder of images, or dataset indices (default 0 1 2 3)")
+    p.add_argument("--out", default=None, help="output PNG (default: RUN/reconstruction.png)")
+    p.add_argument("--split", default="test", choices=["test", "train", "pretrain"],
+                   help="dataset split the indices refer to")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random masks")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_reconstruction)
+
+
+def _image_source(items: list[str]) -> str | list[int]:
+    """``--images``: dataset indices, or one file or folder."""
+    if all(item.lstrip("-").isdigit() for item in items):
+        return [int(item) for item in items]
+    if len(items) == 1:
+        return items[0]
+    raise SystemExit("--images takes one file or folder, or dataset indices")
+
+
+def _cmd_reconstruction(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    out = Path(args.out) if args.out else (run if run.is_dir() else run.parent.parent) / "reconstruction.png"
+    print(reconstruction_grid(run, _image_source(args.images), out, split=args.split, seed=args.seed,
+                              device=args.device))
+    return 0
+
 
 def _cmd_attention(args: argparse.Namespace) -> int:
-    source: str | list[int]
-    if all(item.lstrip("-").isdigit() for item in args.images):
-        source = [int(item) for item in args.images]
-    elif len(args.images) == 1:
-        source = args.images[0]
-    else:
-        raise SystemExit("--images takes one file or folder, or dataset indices")
+    source = _image_source(args.images)
     run = Path(args.run)
     out = Path(args.out) if args.out else (run if run.is_dir() else run.parent.parent) / "attention"
     paths = attention_maps(run, source, out, split=args.split, image_size=args.image_size,
@@ -202,7 +305,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m selfsup.visualize attention RUN --images ...``."""
+    """``python -m selfsup.visualize attention|reconstruction RUN --images ...``."""
     parser = argparse.ArgumentParser(prog="selfsup visualize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     configure_parser(parser)

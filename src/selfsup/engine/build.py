@@ -74,6 +74,9 @@ def build_method(cfg: Config, splits: DataSplits, backbone: nn.Module | None = N
         "batch_size": cfg.train.batch_size,
         "num_classes": splits.num_classes,
     }
+    if getattr(method_cls, "requires_token_backbone", False) and not hasattr(known["backbone"], "forward_tokens"):
+        raise ConfigError(f"method {cfg.method['name']!r} masks patch tokens and needs a ViT backbone "
+                          f"(backbone.name=vit_tiny|vit_small|vit_base), not {cfg.backbone['name']!r}")
     accepted = inspect.signature(method_cls).parameters
     method = method_cls(**{k: v for k, v in known.items() if k in accepted}, **options)
     if not isinstance(method, Method):

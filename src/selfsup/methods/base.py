@@ -86,6 +86,10 @@ class Method(nn.Module):
             gradient in a step (e.g. a head used only on some steps): DistributedDataParallel
             must then search the graph for them each step, which costs time, so it is off
             by default.
+        requires_token_backbone: the method needs a ViT-like backbone with the token API
+            (``forward_tokens``, ``patch_size``, ``num_patches``, ``grid_size``,
+            ``embed_dim``): masked image modelling (MAE, SimMIM) drops or replaces patch
+            tokens, which a ConvNet cannot do. Tests and tools read it instead of names.
     """
 
     view_recipe: str = "two_views"
@@ -93,6 +97,7 @@ class Method(nn.Module):
     default_ema_momentum: tuple[float, float] = (0.996, 1.0)
     lr_scaling: str = "linear"
     find_unused_parameters: bool = False
+    requires_token_backbone: bool = False
 
     backbone: nn.Module
 
@@ -137,3 +142,15 @@ class Method(nn.Module):
     @property
     def num_features(self) -> int:
         return int(self.backbone.num_features)
+
+
+def check_token_backbone(backbone: nn.Module, method: str) -> None:
+    """Raise ``TypeError`` unless ``backbone`` implements the ViT token API that masked image
+    modelling needs (``forward_tokens`` and the patch-grid attributes)."""
+    needed = ("forward_tokens", "patch_size", "num_patches", "grid_size", "embed_dim")
+    missing = [name for name in needed if not hasattr(backbone, name)]
+    if missing:
+        raise TypeError(
+            f"{method} needs a Vision Transformer backbone with the token API (vit_tiny, vit_small, "
+            f"vit_base); {type(backbone).__name__} lacks {', '.join(missing)}"
+        )
