@@ -18,7 +18,10 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _seed_and_threads() -> None:
+    # Runs through the CLI apply `train.threads` to the whole process; reset it so every test
+    # computes with the same thread count (reduction order) as its reference.
+    torch.set_num_threads(1)
     torch.manual_seed(0)
 
 
