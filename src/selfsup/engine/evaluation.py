@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from selfsup.config import EvalConfig
 from selfsup.data import ImageDataset
 from selfsup.data.loader import iterate_eval
-from selfsup.eval import extract_features, knn_classify, linear_probe
+from selfsup.eval import evaluate_features as eval_features
+from selfsup.eval import extract_features
 from selfsup.nn.distributed import rank as dist_rank
 from selfsup.nn.distributed import world_size as dist_world_size
 from selfsup.transforms import to_float
@@ -78,14 +79,12 @@ def encode(encoder: Callable[[Tensor], Tensor], dataset: ImageDataset, eval_view
 
 def evaluate_features(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], num_classes: int,
                       cfg: EvalConfig, linear: bool | None = None, seed: int = 0) -> dict[str, float]:
-    """kNN at every ``cfg.knn_k`` and (optionally) a linear probe, as one flat metric dict."""
-    metrics = knn_classify(train[0], train[1], test[0], test[1], k=cfg.knn_k,
-                           temperature=cfg.knn_temperature, num_classes=num_classes)
-    if cfg.linear if linear is None else linear:
-        probe = linear_probe(train[0], train[1], test[0], test[1], num_classes=num_classes,
-                             epochs=cfg.linear_epochs, seed=seed)
-        metrics.update({k: v for k, v in probe.items() if k.startswith("linear_top")})
-    return metrics
+    """kNN at every ``cfg.knn_k`` and (optionally) a linear probe, as one flat metric dict of
+    accuracies (the probe's chosen weight decay and validation score are left out)."""
+    metrics = eval_features(train[0], train[1], test[0], test[1], num_classes=num_classes, knn_k=cfg.knn_k,
+                            knn_temperature=cfg.knn_temperature, linear=cfg.linear if linear is None else linear,
+                            linear_epochs=cfg.linear_epochs, seed=seed)
+    return {k: v for k, v in metrics.items() if k.startswith(("knn_", "linear_top"))}
 
 
 def evaluate_encoder(encoder: Callable[[Tensor], Tensor], module: nn.Module, train_set: ImageDataset,
