@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from selfsup.eval import (
+    balanced_label_subset,
     DEFAULT_WEIGHT_DECAYS,
     LinearProbe,
     cluster_accuracy,
@@ -358,6 +359,20 @@ def test_evaluate_features_combines_all_metrics() -> None:
     assert "knn_top1@1000" not in metrics and metrics["linear_weight_decay"] in (1e-3, 1e-2)
 
 
+def test_evaluate_features_reports_the_collapse_monitors_of_the_test_features() -> None:
+    gen = torch.Generator().manual_seed(15)
+    train_x, train_y, centers = _blobs(20, 5, 12, 0.3, gen)
+    test_x, test_y, _ = _blobs(8, 5, 12, 0.3, gen, centers)
+    metrics = evaluate_features(train_x, train_y, test_x, test_y, knn_k=5, linear=False, collapse_monitors=True)
+    assert metrics["feature_std"] == pytest.approx(feature_std(test_x))
+    assert metrics["effective_rank"] == pytest.approx(effective_rank(test_x))
+    collapsed = evaluate_features(train_x, train_y, test_x[:1].repeat(40, 1), test_y, knn_k=5, linear=False,
+                                  collapse_monitors=True)
+    assert collapsed["feature_std"] == pytest.approx(0.0, abs=1e-6)
+    assert collapsed["effective_rank"] == pytest.approx(1.0, abs=1e-3)
+    assert "feature_std" not in evaluate_features(train_x, train_y, test_x, test_y, knn_k=5, linear=False)
+
+
 def test_clustering_metrics_perfect_on_separated_blobs() -> None:
     gen = torch.Generator().manual_seed(14)
     feats, labels, _ = _blobs(25, 4, 8, 0.2, gen)
@@ -411,3 +426,31 @@ def test_effective_rank_isotropic_rank_one_and_exact_k() -> None:
     expected = math.exp(-float((p * p.log()).sum()))
     assert effective_rank(torch.diag(torch.tensor([3.0, 1.0]))) == pytest.approx(expected,
                                                                                   abs=1e-5)
+
+
+# -- class-balanced label subsets (semi-supervised protocol) ------------------------------------
+
+def test_balanced_label_subset_takes_the_fraction_of_each_class_reproducibly() -> None:
+    labels = torch.cat([torch.full((100,), 0), torch.full((50,), 1), torch.full((7,), 2), torch.full((5,), -1)])
+    labels = labels[torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(3))]
+    picked = balanced_label_subset(labels, 0.1, seed=1)
+    counts = torch.bincount(labels[picked], minlength=3).tolist()
+    assert counts == [10, 5, 1]  # round(0.1 * n_c), at least one per class
+    assert torch.equal(picked, balanced_label_subset(labels, 0.1, seed=1))
+    assert not torch.equal(picked, balanced_label_subset(labels, 0.1, seed=2))
+    assert picked.unique().numel() == picked.numel() and bool((labels[picked] >= 0).all())
+    assert torch.equal(balanced_label_subset(labels, 1.0), torch.nonzero(labels >= 0).flatten())
+
+
+def test_balanced_label_subset_draw_is_uniform_within_a_class() -> None:
+    labels = torch.zeros(10, dtype=torch.long)
+    hits = torch.zeros(10)
+    for seed in range(2000):
+        hits[balanced_label_subset(labels, 0.3, seed=seed)] += 1
+    assert torch.allclose(hits / 2000, torch.full((10,), 0.3), atol=0.04)
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+def test_balanced_label_subset_rejects_bad_fractions(fraction: float) -> None:
+    with pytest.raises(ValueError, match="fraction"):
+        balanced_label_subset(torch.zeros(4, dtype=torch.long), fraction)

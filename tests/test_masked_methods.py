@@ -278,3 +278,9 @@ def test_mae_run_reconstruction_png_and_finetune_cli(tmp_path: Path, capsys: pyt
     assert main([*args, "--from-scratch"]) == 0
     (name, _), = json.loads(capsys.readouterr().out.strip().splitlines()[-1]).items()
     assert "random init" in name
+    overrides = args[:-1]  # the dotted overrides come before --json
+    assert main([*overrides, "eval.finetune_label_fraction=0.5", "--json"]) == 0
+    (name, _), = json.loads(capsys.readouterr().out.strip().splitlines()[-1]).items()
+    assert "labels" in name
+    assert main([*overrides, "eval.finetune_label_fraction=0"]) == 2
+    assert "finetune_label_fraction" in capsys.readouterr().err

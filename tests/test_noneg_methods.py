@@ -87,6 +87,28 @@ def test_simsiam_collapses_without_stop_gradient_only(digits16: DataSplits) -> N
     assert z_no < 0.75 * z_sg, (z_no, z_sg)
 
 
+def test_simsiam_predictor_keeps_the_peak_lr_while_the_rest_follows_the_schedule() -> None:
+    """Sec. 4.4 of the paper: the predictor's lr is not decayed."""
+    from selfsup.config import OptimConfig
+    from selfsup.engine.optim import build_optimizer, set_schedule
+
+    method = METHODS.build("simsiam", backbone=convnet(), proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=8)
+    optimizer = build_optimizer(method.param_groups(), OptimConfig(name="sgd", weight_decay=1e-4), lr=0.05)
+    predictor = {id(p) for p in method.predictor.parameters()}
+    grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in trainable(method))  # every parameter exactly once
+    set_schedule(optimizer, lr=0.001, weight_decay=1e-4)
+    for group in optimizer.param_groups:
+        owns_predictor = {id(p) in predictor for p in group["params"]}
+        assert len(owns_predictor) == 1
+        assert group["lr"] == (0.05 if owns_predictor == {True} else 0.001), group["name"]
+    unfixed = METHODS.build("simsiam", backbone=convnet(), proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=8,
+                            fix_predictor_lr=False)
+    optimizer = build_optimizer(unfixed.param_groups(), OptimConfig(name="sgd"), lr=0.05)
+    set_schedule(optimizer, lr=0.001, weight_decay=0.0)
+    assert {g["lr"] for g in optimizer.param_groups} == {0.001}
+
+
 # ------------------------------------------------------------------------ Barlow Twins
 def test_barlow_twins_loss_is_the_loss_function_on_its_projections() -> None:
     method = METHODS.build("barlow_twins", backbone=convnet(), proj_hidden_dim=32, proj_dim=16, lambda_offdiag=0.01)
@@ -262,6 +284,22 @@ def test_dino_teacher_sees_only_the_global_crops_student_one_call_per_size() -> 
     assert student_inputs == [(16, 1, 16, 16), (32, 1, 8, 8)]
 
 
+def test_dino_evaluates_and_fine_tunes_the_teacher_unless_told_otherwise() -> None:
+    from selfsup.eval.finetune import finetune_encoder
+
+    method = small_dino()
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(1.0)  # student and teacher now differ
+    images = torch.rand(4, 1, 16, 16)
+    method.eval()
+    torch.testing.assert_close(method.embed(images), method.teacher_backbone(images))
+    assert not torch.allclose(method.embed(images), method.backbone(images))
+    assert finetune_encoder(method, None, None) is method.teacher_backbone  # type: ignore[arg-type]
+    method.evaluate_teacher = False
+    torch.testing.assert_close(method.embed(images), method.backbone(images))
+
+
 def test_dino_center_and_teacher_survive_a_state_dict_round_trip() -> None:
     method = small_dino()
     batch = batch_of(dino_views())
@@ -368,3 +406,17 @@ def test_attention_maps_need_a_vit(tmp_path: Path) -> None:
     trainer.fit()
     with pytest.raises(TypeError, match="ViT backbone"):
         attention_maps(trainer.run_dir, [0], tmp_path / "maps")
+
+
+@pytest.mark.parametrize("method", ["swav", "dino"])
+def test_the_engine_gives_the_method_the_recipes_number_of_global_crops(tmp_path: Path, method: str) -> None:
+    from selfsup.config import ConfigError
+    from selfsup.engine.build import build_components
+
+    cfg = tiny_config(tmp_path, method, *MULTI_CROP, "views.num_global=3", "method.proj_hidden_dim=16",
+                      "method.proj_dim=8")
+    parts = build_components(cfg, torch.device("cpu"))
+    assert parts.method.num_global_crops == 3 == parts.train_views.num_global_views
+    with pytest.raises(ConfigError, match="num_global_crops"):
+        build_components(tiny_config(tmp_path, method, *MULTI_CROP, "method.num_global_crops=2"),
+                         torch.device("cpu"))

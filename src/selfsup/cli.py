@@ -126,17 +126,29 @@ def _finetune(args: argparse.Namespace, cfg: Config, parts: Components, device: 
     from selfsup.engine.build import build_views
     from selfsup.engine.evaluation import format_table
     from selfsup.eval.finetune import finetune, finetune_encoder
+    from selfsup.eval.label_subset import balanced_label_subset
 
     splits = parts.splits
     encoder = finetune_encoder(parts.method, cfg, splits, from_scratch=args.from_scratch)
     e = cfg.eval
-    metrics = finetune(encoder, parts.method.num_features, splits.train, splits.test, splits.num_classes,
+    train = splits.train
+    if e.finetune_label_fraction != 1.0:
+        if train.labels is None:
+            raise ConfigError(f"eval.finetune_label_fraction needs a dataset whose labels are known up front; "
+                              f"{splits.name!r} has none")
+        try:
+            train = train.subset(balanced_label_subset(train.labels, e.finetune_label_fraction, cfg.train.seed))
+        except ValueError as err:
+            raise ConfigError(f"eval.finetune_label_fraction: {err}") from None
+    metrics = finetune(encoder, parts.method.num_features, train, splits.test, splits.num_classes,
                        train_views=build_views(cfg, splits, "single_view").to(device), eval_views=parts.eval_views,
                        epochs=e.finetune_epochs, batch_size=e.finetune_batch_size, lr=e.finetune_lr,
                        weight_decay=e.finetune_weight_decay, layer_decay=e.finetune_layer_decay,
                        label_smoothing=e.finetune_label_smoothing, warmup_epochs=e.finetune_warmup_epochs,
                        device=device, seed=cfg.train.seed)
     init = "random init" if args.from_scratch else "pretrained"
+    if e.finetune_label_fraction != 1.0:
+        init += f", {len(train)} labels"
     rows = {f"{cfg.method['name']} ({cfg.backbone['name']}, {init})": metrics}
     print(format_table(rows, f"{splits.name} test set, fine-tuning top-1 (%)"))
     if args.json:

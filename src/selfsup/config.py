@@ -113,6 +113,8 @@ class EvalConfig:
         finetune_layer_decay: layer-wise lr decay for ViT encoders (MAE ViT-B: 0.65).
         finetune_label_smoothing: label smoothing of the fine-tuning loss (MAE: 0.1).
         finetune_warmup_epochs: linear lr warm-up of fine-tuning.
+        finetune_label_fraction: fine-tune on a class-balanced, seeded fraction of the
+            training labels (0.01 / 0.1: the semi-supervised protocol of SimCLR sec. 4.2).
     """
 
     knn_k: list[int] = field(default_factory=lambda: [20, 200])
@@ -129,6 +131,7 @@ class EvalConfig:
     finetune_layer_decay: float = 0.75
     finetune_label_smoothing: float = 0.1
     finetune_warmup_epochs: float = 1.0
+    finetune_label_fraction: float = 1.0
 
 
 @dataclass

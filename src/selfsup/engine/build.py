@@ -16,7 +16,8 @@ from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEW_RECIPES, Registr
 
 # Keyword arguments the engine fills in itself; users cannot set them in a config.
 BACKBONE_RESERVED = ("in_channels", "image_size")
-METHOD_RESERVED = ("backbone", "num_samples", "image_size", "in_channels", "batch_size", "num_classes")
+METHOD_RESERVED = ("backbone", "num_samples", "image_size", "in_channels", "batch_size", "num_classes",
+                   "num_global_crops")
 VIEWS_RESERVED = ("image_size", "in_channels", "mean", "std")
 
 
@@ -63,7 +64,8 @@ def build_backbone(cfg: Config, splits: DataSplits) -> nn.Module:
 
 def build_method(cfg: Config, splits: DataSplits, backbone: nn.Module | None = None) -> Method:
     """The method around a fresh backbone; engine-known facts (dataset size, image size,
-    batch size) are passed to the constructor when it declares a parameter of that name."""
+    batch size, the view recipe's number of global crops) are passed to the constructor when
+    it declares a parameter of that name."""
     method_cls = _factory(METHODS, cfg.method["name"], "method")
     options = check_options(method_cls, cfg.options("method"), "method", METHOD_RESERVED)
     known = {
@@ -78,6 +80,8 @@ def build_method(cfg: Config, splits: DataSplits, backbone: nn.Module | None = N
         raise ConfigError(f"method {cfg.method['name']!r} masks patch tokens and needs a ViT backbone "
                           f"(backbone.name=vit_tiny|vit_small|vit_base), not {cfg.backbone['name']!r}")
     accepted = inspect.signature(method_cls).parameters
+    if "num_global_crops" in accepted:  # SwAV / DINO: the teacher's views are the recipe's global crops
+        known["num_global_crops"] = build_views(cfg, splits).num_global_views
     method = method_cls(**{k: v for k, v in known.items() if k in accepted}, **options)
     if not isinstance(method, Method):
         raise ConfigError(f"method {cfg.method['name']!r} did not build a selfsup Method")

@@ -79,12 +79,14 @@ def encode(encoder: Callable[[Tensor], Tensor], dataset: ImageDataset, eval_view
 
 def evaluate_features(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], num_classes: int,
                       cfg: EvalConfig, linear: bool | None = None, seed: int = 0) -> dict[str, float]:
-    """kNN at every ``cfg.knn_k`` and (optionally) a linear probe, as one flat metric dict of
-    accuracies (the probe's chosen weight decay and validation score are left out)."""
+    """kNN at every ``cfg.knn_k``, (optionally) a linear probe and the collapse monitors of the
+    test features, as one flat metric dict (the probe's chosen weight decay and validation
+    score are left out)."""
     metrics = eval_features(train[0], train[1], test[0], test[1], num_classes=num_classes, knn_k=cfg.knn_k,
                             knn_temperature=cfg.knn_temperature, linear=cfg.linear if linear is None else linear,
-                            linear_epochs=cfg.linear_epochs, seed=seed)
-    return {k: v for k, v in metrics.items() if k.startswith(("knn_", "linear_top"))}
+                            linear_epochs=cfg.linear_epochs, collapse_monitors=True, seed=seed)
+    keep = ("knn_", "linear_top", *MONITOR_COLUMNS)
+    return {k: v for k, v in metrics.items() if k.startswith(keep)}
 
 
 def evaluate_encoder(encoder: Callable[[Tensor], Tensor], module: nn.Module, train_set: ImageDataset,
@@ -105,18 +107,31 @@ def raw_pixel_metrics(train_set: ImageDataset, test_set: ImageDataset, num_class
     return evaluate_encoder(flatten, flatten, train_set, test_set, num_classes, eval_views, cfg, device)
 
 
+MONITOR_COLUMNS = ("feature_std", "effective_rank")
+
+
+def _cell(column: str, metrics: dict[str, Any]) -> str:
+    if column not in metrics:
+        return "-"
+    if column == "feature_std":
+        return f"{metrics[column]:.4f}"
+    if column in MONITOR_COLUMNS:
+        return f"{metrics[column]:.1f}"
+    return f"{100 * metrics[column]:.2f}"
+
+
 def format_table(rows: dict[str, dict[str, Any]], title: str = "") -> str:
     """A plain-text table: one row per encoder, one column per top-1 accuracy (the metrics
-    are fractions; the table shows percent)."""
+    are fractions; the table shows percent), then the collapse monitors when present."""
     columns: list[str] = []
     for metrics in rows.values():
-        columns += [k for k in metrics if k not in columns and "top1" in k]
+        columns += [k for k in metrics if k not in columns and ("top1" in k or k in MONITOR_COLUMNS)]
     name_width = max([len("encoder")] + [len(r) for r in rows])
     widths = [max(len(c), 6) for c in columns]
     lines = [title] if title else []
     header = "encoder".ljust(name_width) + "  " + "  ".join(c.rjust(w) for c, w in zip(columns, widths))
     lines += [header, "-" * len(header)]
     for name, metrics in rows.items():
-        cells = [f"{100 * metrics[c]:.2f}" if c in metrics else "-" for c in columns]
+        cells = [_cell(c, metrics) for c in columns]
         lines.append(name.ljust(name_width) + "  " + "  ".join(v.rjust(w) for v, w in zip(cells, widths)))
     return "\n".join(lines)

@@ -59,13 +59,16 @@ class LARS(torch.optim.Optimizer):
 def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """Builds the configured optimiser. Groups may carry ``weight_decay`` (overriding the
     config's, e.g. 0 for norms), ``lr_scale`` (a multiplier on the scheduled lr, e.g. layer
-    decay or a predictor's fixed rate) and ``lars_exclude``."""
+    decay), ``fixed_lr`` (``True``: the group keeps the peak lr times ``lr_scale`` on every
+    step, without warm-up or decay, e.g. SimSiam's predictor) and ``lars_exclude``."""
     groups = []
     for group in param_groups:
         if not group["params"]:
             continue
         group = dict(group)
         group.setdefault("lr_scale", 1.0)
+        if group.pop("fixed_lr", False):
+            group["fixed_lr_value"] = lr * group["lr_scale"]
         group.setdefault("wd_scale", 0.0 if group.get("weight_decay") == 0.0 else 1.0)
         group["weight_decay"] = cfg.weight_decay * group["wd_scale"]
         if cfg.name != "lars":
@@ -82,9 +85,9 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimConfig, lr: fl
 
 def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
     """Applies this step's lr and weight decay to every group (respecting the groups'
-    ``lr_scale`` and ``wd_scale``)."""
+    ``lr_scale`` and ``wd_scale``); groups built with ``fixed_lr`` keep their constant lr."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = group.get("fixed_lr_value", lr * group.get("lr_scale", 1.0))
         group["weight_decay"] = weight_decay * group.get("wd_scale", 1.0)
 
 

@@ -293,7 +293,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def online_knn(self) -> dict[str, float]:
-        """kNN top-1 on a labelled subset, features in eval mode from un-augmented images."""
+        """kNN top-1 (k=20) on a labelled subset, features in eval mode from un-augmented
+        images, and the collapse monitors of those test features."""
         splits, cfg = self.parts.splits, self.cfg
         if splits.num_classes < 2:
             return {}
@@ -303,7 +304,8 @@ class Trainer:
                                    splits.num_classes, self.parts.eval_views, eval_cfg, self.device,
                                    cfg.train.precision, limit=cfg.train.knn_samples, linear=False,
                                    gather=self.dist.world_size > 1)
-        return {"knn_top1": metrics["knn_top1@20"]}
+        return {"knn_top1": metrics["knn_top1@20"], "feature_std": metrics["feature_std"],
+                "effective_rank": metrics["effective_rank"]}
 
     def evaluate(self) -> dict[str, Any]:
         """Full kNN and linear-probe evaluation of the trained encoder and the baselines;
@@ -350,7 +352,7 @@ class Trainer:
         """Writes the trained backbone's weights as ``backbone.safetensors``."""
         from safetensors.torch import save_file
 
-        state = {k: v.detach().contiguous().cpu() for k, v in self.method.backbone.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in self.method.eval_backbone.state_dict().items()}
         path = self.run_dir / "backbone.safetensors"
         save_file(state, str(path), metadata={"backbone": json.dumps(self.cfg.backbone)})
         return path

@@ -8,6 +8,7 @@ from selfsup.eval.baselines import evaluate_features, raw_pixel_features
 from selfsup.eval.clustering import cluster_accuracy, clustering_metrics
 from selfsup.eval.features import extract_features
 from selfsup.eval.knn import knn_classify, knn_predict
+from selfsup.eval.label_subset import balanced_label_subset
 from selfsup.eval.linear import (
     DEFAULT_WEIGHT_DECAYS,
     LinearProbe,
@@ -18,6 +19,7 @@ from selfsup.eval.linear import (
 from selfsup.eval.monitors import effective_rank, feature_std
 
 __all__ = [
+    "balanced_label_subset",
     "DEFAULT_WEIGHT_DECAYS",
     "LinearProbe",
     "cluster_accuracy",

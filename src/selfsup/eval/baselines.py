@@ -13,6 +13,7 @@ from selfsup.eval.clustering import clustering_metrics
 from selfsup.eval.features import extract_features
 from selfsup.eval.knn import knn_classify
 from selfsup.eval.linear import DEFAULT_WEIGHT_DECAYS, linear_probe
+from selfsup.eval.monitors import effective_rank, feature_std
 
 __all__ = ["evaluate_features", "raw_pixel_features"]
 
@@ -61,6 +62,7 @@ def evaluate_features(
     linear_epochs: int = 100,
     linear_weight_decay: float | Sequence[float] = DEFAULT_WEIGHT_DECAYS,
     clustering: bool = False,
+    collapse_monitors: bool = False,
     seed: int = 0,
 ) -> dict[str, float]:
     """Run weighted kNN, the linear probe and optionally k-means on one feature set.
@@ -77,12 +79,15 @@ def evaluate_features(
         linear_epochs, linear_weight_decay: its ``epochs`` and ``weight_decay``.
         clustering: run :func:`~selfsup.eval.clustering.clustering_metrics` on the test
             features with ``num_classes`` clusters.
+        collapse_monitors: add ``feature_std`` and ``effective_rank`` of the test features
+            (:mod:`selfsup.eval.monitors`: ~1/sqrt(D) and up to D when spread, 0 and 1 when
+            collapsed).
         seed: seeds the linear probe's validation split and k-means.
 
     Returns:
         One flat dict: ``knn_top1@<k>``, ``knn_top5@<k>``, ``linear_top1``, ``linear_top5``,
-        ``linear_weight_decay``, ``linear_val_top1``, ``cluster_acc``, ``nmi``, ``ari`` (those
-        that apply). Accuracies are fractions in ``[0, 1]``.
+        ``linear_weight_decay``, ``linear_val_top1``, ``cluster_acc``, ``nmi``, ``ari``,
+        ``feature_std``, ``effective_rank`` (those that apply). Accuracies are fractions in ``[0, 1]``.
     """
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
@@ -107,4 +112,7 @@ def evaluate_features(
         metrics.update(result)
     if clustering:
         metrics.update(clustering_metrics(test_features, test_labels, num_classes, seed=seed))
+    if collapse_monitors:
+        metrics["feature_std"] = feature_std(test_features)
+        metrics["effective_rank"] = effective_rank(test_features)
     return metrics

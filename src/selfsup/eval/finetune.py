@@ -147,11 +147,11 @@ def finetune(
 
 
 def finetune_encoder(method: Method, cfg: Config, splits: DataSplits, from_scratch: bool = False) -> nn.Module:
-    """The encoder to fine-tune: the pretrained ``method.backbone``, or with ``from_scratch``
+    """The encoder to fine-tune: the pretrained ``method.eval_backbone``, or with ``from_scratch``
     a new backbone of the same configured architecture, initialised from ``cfg.train.seed``
     (the random-init baseline). Either way on the device of the method's parameters."""
     if not from_scratch:
-        return method.backbone
+        return method.eval_backbone
     from selfsup.engine.build import build_backbone  # the engine imports the eval package
 
     device = next(method.parameters()).device

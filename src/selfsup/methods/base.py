@@ -134,10 +134,16 @@ class Method(nn.Module):
     def on_step_end(self, step: StepInfo) -> None:
         """Hook after the optimiser step and EMA (e.g. enqueue keys, update a bank)."""
 
+    @property
+    def eval_backbone(self) -> nn.Module:
+        """The encoder that evaluation, fine-tuning and the exported weights use: the trained
+        ``backbone`` unless a method's paper evaluates another one (DINO: the teacher)."""
+        return self.backbone
+
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
         """``(B, C, H, W) -> (B, num_features)`` features used for evaluation."""
-        return self.backbone(images)
+        return self.eval_backbone(images)
 
     @property
     def num_features(self) -> int:

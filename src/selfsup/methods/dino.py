@@ -97,10 +97,12 @@ class DINO(Method):
         warmup_teacher_temp_epochs: length of the linear teacher-temperature warm-up
             (paper: 30 epochs).
         center_momentum: momentum of the centre's moving average (paper: 0.9).
-        num_global_crops: leading views the teacher sees; must equal the view recipe's
-            ``num_global`` (paper: 2).
+        num_global_crops: leading views the teacher sees (the engine passes the view recipe's
+            ``num_global``; paper: 2).
         freeze_last_layer_epochs: epochs during which the head's last layer is not updated
             (paper: 1).
+        evaluate_teacher: evaluate and export the teacher's backbone, as the paper does (its
+            sec. 5.2: the teacher outperforms the student throughout training).
     """
 
     view_recipe = "multi_crop"
@@ -114,7 +116,8 @@ class DINO(Method):
                  out_dim: int = 65536, norm_last_layer: bool = True, head_bn: bool = False,
                  student_temp: float = 0.1, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.07,
                  warmup_teacher_temp_epochs: float = 30.0, center_momentum: float = 0.9,
-                 num_global_crops: int = 2, freeze_last_layer_epochs: float = 1.0) -> None:
+                 num_global_crops: int = 2, freeze_last_layer_epochs: float = 1.0,
+                 evaluate_teacher: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = DINOHead(backbone.num_features, out_dim, proj_hidden_dim, proj_dim, head_bn, norm_last_layer)
@@ -128,10 +131,15 @@ class DINO(Method):
         self.center_momentum = center_momentum
         self.num_global_crops = num_global_crops
         self.freeze_last_layer_epochs = freeze_last_layer_epochs
+        self.evaluate_teacher = evaluate_teacher
         self._pending_teacher: list[Tensor] = []
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
+
+    @property
+    def eval_backbone(self) -> nn.Module:
+        return self.teacher_backbone if self.evaluate_teacher else self.backbone
 
     def teacher_temperature(self, epoch: float) -> float:
         """The teacher temperature at (float) ``epoch``: linear warm-up, then constant."""

@@ -15,6 +15,8 @@ Pseudocode (Algorithm 1 of the paper)::
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -36,14 +38,18 @@ class SimSiam(Method):
     (z and p) is d = 2048, and h's hidden layer's dimension is 512, making h a bottleneck
     structure." The output BN carries no affine parameters, as in the authors' code.
 
-    The paper also keeps the predictor's lr constant (not decayed); here every group follows
-    the engine's schedule, the setting the paper reports as only slightly worse.
+    The paper also keeps the predictor's lr constant at the peak value (sec. 4.4, "Predictor":
+    no decay works better, the predictor should adapt to the latest representations);
+    ``fix_predictor_lr`` does that, ``False`` lets it follow the engine's schedule.
 
     Args:
         backbone: encoder ``(B, C, H, W) -> (B, num_features)``.
         proj_hidden_dim: hidden width of the 3-layer projection MLP (paper: 2048).
         proj_dim: output size ``d`` of the projection and the predictor (paper: 2048).
         pred_hidden_dim: bottleneck width of the 2-layer predictor (paper: 512).
+        proj_layers: depth of the projection MLP (paper: 3 on ImageNet, 2 for CIFAR-10,
+            Appendix D).
+        fix_predictor_lr: keep the predictor's lr at the peak (no warm-up, no decay).
         stop_gradient: the paper's stop-gradient on the target branch. ``False`` is the
             ablation of Figure 2 ("w/o stop-grad"), which collapses to a constant output:
             it is there to reproduce that experiment, not to train with.
@@ -58,13 +64,28 @@ class SimSiam(Method):
     lr_scaling = "linear"
 
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_dim: int = 2048,
-                 pred_hidden_dim: int = 512, stop_gradient: bool = True) -> None:
+                 pred_hidden_dim: int = 512, proj_layers: int = 3, fix_predictor_lr: bool = True,
+                 stop_gradient: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
-        self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, 3,
+        self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, proj_layers,
                                   output_norm="bn_noaffine")
         self.predictor = mlp_head(proj_dim, pred_hidden_dim, proj_dim, 2)
+        self.fix_predictor_lr = fix_predictor_lr
         self.stop_gradient = stop_gradient
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The default decay / no-decay groups, each split into the predictor's parameters
+        (constant lr with ``fix_predictor_lr``) and the rest."""
+        predictor = {id(p) for p in self.predictor.parameters()}
+        groups = []
+        for group in super().param_groups():
+            rest = [p for p in group["params"] if id(p) not in predictor]
+            mine = [p for p in group["params"] if id(p) in predictor]
+            groups.append({**group, "params": rest})
+            groups.append({**group, "params": mine, "name": f"predictor_{group['name']}",
+                           "fixed_lr": self.fix_predictor_lr})
+        return groups
 
     def _distance(self, p: Tensor, z: Tensor) -> Tensor:
         """``D(p, z)`` of the paper, without the stop-gradient when ablating it."""

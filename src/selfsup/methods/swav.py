@@ -43,8 +43,8 @@ class SwAV(Method):
         temperature: softmax temperature of the swapped prediction (paper: 0.1).
         sinkhorn_epsilon: entropy regularisation of the codes (paper: 0.05).
         sinkhorn_iterations: Sinkhorn-Knopp iterations (paper: 3).
-        num_global_crops: leading views that get codes; must equal the view recipe's
-            ``num_global`` (paper: 2).
+        num_global_crops: leading views that get codes (the engine passes the view recipe's
+            ``num_global``; paper: 2).
         freeze_prototypes_steps: optimisation steps during which the prototypes are not
             updated (paper: the first epoch; 313 iterations of batch 4096 in the reference
             code).
