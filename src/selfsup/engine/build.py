@@ -62,10 +62,12 @@ def build_backbone(cfg: Config, splits: DataSplits) -> nn.Module:
     return factory(in_channels=splits.in_channels, image_size=splits.image_size, **options)
 
 
-def build_method(cfg: Config, splits: DataSplits, backbone: nn.Module | None = None) -> Method:
+def build_method(cfg: Config, splits: DataSplits, backbone: nn.Module | None = None,
+                 train_views: nn.Module | None = None) -> Method:
     """The method around a fresh backbone; engine-known facts (dataset size, image size,
-    batch size, the view recipe's number of global crops) are passed to the constructor when
-    it declares a parameter of that name."""
+    batch size, the training view recipe's number of global crops) are passed to the
+    constructor when it declares a parameter of that name. ``train_views``: the already built
+    training recipe, if the caller has one (else it is built when needed)."""
     method_cls = _factory(METHODS, cfg.method["name"], "method")
     options = check_options(method_cls, cfg.options("method"), "method", METHOD_RESERVED)
     known = {
@@ -81,7 +83,7 @@ def build_method(cfg: Config, splits: DataSplits, backbone: nn.Module | None = N
                           f"(backbone.name=vit_tiny|vit_small|vit_base), not {cfg.backbone['name']!r}")
     accepted = inspect.signature(method_cls).parameters
     if "num_global_crops" in accepted:  # SwAV / DINO: the teacher's views are the recipe's global crops
-        known["num_global_crops"] = build_views(cfg, splits).num_global_views
+        known["num_global_crops"] = (train_views or build_views(cfg, splits)).num_global_views
     method = method_cls(**{k: v for k, v in known.items() if k in accepted}, **options)
     if not isinstance(method, Method):
         raise ConfigError(f"method {cfg.method['name']!r} did not build a selfsup Method")
@@ -109,7 +111,7 @@ class Components:
 def build_components(cfg: Config, device: torch.device) -> Components:
     validate_components(cfg)
     splits = build_data(cfg)
+    train_views = build_views(cfg, splits)  # draws no random numbers: initialisation below is unchanged
     torch.manual_seed(cfg.train.seed)  # model initialisation is part of the seeded run
-    method = build_method(cfg, splits).to(device)
-    return Components(splits, method, build_views(cfg, splits).to(device),
-                      build_views(cfg, splits, "eval").to(device))
+    method = build_method(cfg, splits, train_views=train_views).to(device)
+    return Components(splits, method, train_views.to(device), build_views(cfg, splits, "eval").to(device))
