@@ -13,18 +13,18 @@ Pseudocode::
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from selfsup.eval.monitors import feature_std
 from selfsup.losses import byol_loss
-from selfsup.methods.base import Batch, Method, StepInfo
-from selfsup.nn.heads import frozen_copy, mlp_head
+from selfsup.methods.base import Batch, StepInfo
+from selfsup.methods.online_target import OnlineTargetMethod
+from selfsup.nn.heads import mlp_head
 from selfsup.registry import METHODS
 
 
 @METHODS.register("byol")
-class BYOL(Method):
+class BYOL(OnlineTargetMethod):
     """BYOL with the paper's heads: projector and predictor 4096 -> BN -> ReLU -> 256.
 
     Args:
@@ -45,16 +45,9 @@ class BYOL(Method):
         self.backbone = backbone
         self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, 2)
         self.predictor = mlp_head(proj_dim, pred_hidden_dim, proj_dim, 2)
-        self.teacher_backbone = frozen_copy(backbone)
-        self.teacher_projector = frozen_copy(self.projector)
-
-    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.backbone, self.teacher_backbone), (self.projector, self.teacher_projector)]
+        self.make_target()
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
-        views = torch.cat([batch.views[0], batch.views[1]])
-        p1, p2 = self.predictor(self.projector(self.backbone(views))).chunk(2)
-        with torch.no_grad():
-            z1_t, z2_t = self.teacher_projector(self.teacher_backbone(views)).chunk(2)
+        (p1, p2), (z1_t, z2_t) = self.predictions_and_targets(batch.views[0], batch.views[1])
         loss = byol_loss(p1, z2_t) + byol_loss(p2, z1_t)
         return {"loss": loss, "z_std": feature_std(p1)}

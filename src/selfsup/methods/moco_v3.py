@@ -19,18 +19,18 @@ which the paper found removes the loss spikes ("dips") that otherwise limit stab
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from selfsup.eval.monitors import feature_std
 from selfsup.losses import moco_v3_loss
-from selfsup.methods.base import Batch, Method, StepInfo
-from selfsup.nn.heads import frozen_copy, mlp_head
+from selfsup.methods.base import Batch, StepInfo
+from selfsup.methods.online_target import OnlineTargetMethod
+from selfsup.nn.heads import mlp_head
 from selfsup.registry import METHODS
 
 
 @METHODS.register("moco_v3")
-class MoCoV3(Method):
+class MoCoV3(OnlineTargetMethod):
     """MoCo v3 with the paper's heads and temperature.
 
     "The projection head is a 3-layer MLP, and the prediction head is a 2-layer MLP. The
@@ -70,18 +70,9 @@ class MoCoV3(Method):
         self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, 3,
                                   hidden_norm="bn", output_norm="bn_noaffine")
         self.predictor = mlp_head(proj_dim, pred_hidden_dim, proj_dim, 2, hidden_norm="bn")
-        self.teacher_backbone = frozen_copy(backbone)
-        self.teacher_projector = frozen_copy(self.projector)
-
-    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.backbone, self.teacher_backbone), (self.projector, self.teacher_projector)]
+        self.make_target()
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
-        # Both views in one backbone call; BN statistics then cover the 2B samples, as with
-        # the reference code's per-view calls on a ResNet up to the batch split.
-        views = torch.cat([batch.views[0], batch.views[1]])
-        q1, q2 = self.predictor(self.projector(self.backbone(views))).chunk(2)
-        with torch.no_grad():
-            k1, k2 = self.teacher_projector(self.teacher_backbone(views)).chunk(2)
+        (q1, q2), (k1, k2) = self.predictions_and_targets(batch.views[0], batch.views[1])
         loss = moco_v3_loss(q1, q2, k1, k2, temperature=self.temperature, gather=self.gather)
         return {"loss": loss, "z_std": feature_std(q1)}
