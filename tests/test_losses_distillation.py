@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from selfsup.losses import dino_center_update, dino_loss, koleo_loss
+from selfsup.losses import dino_center_update, dino_loss, koleo_loss, swav_loss
 
 
 
@@ -49,6 +49,13 @@ def test_dino_matches_loops_multi_crop() -> None:
         [s.double() for s in student], [t.double() for t in teacher], center.double(), 0.1, 0.04
     )
     assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dino_loss_is_swavs_swapped_prediction_of_the_centred_softmax() -> None:
+    student = [torch.randn(3, 6) for _ in range(3)]
+    teacher, center = [torch.randn(3, 6) for _ in range(2)], torch.randn(1, 6)
+    softmaxed = [torch.softmax((t - center) / 0.04, dim=-1) for t in teacher]
+    torch.testing.assert_close(dino_loss(student, teacher, center), swav_loss(student, softmaxed, 0.1))
 
 
 def test_dino_closed_forms() -> None:

@@ -256,6 +256,63 @@ def test_dino_loss_and_center_follow_the_formulas_center_only_in_on_step_end() -
     torch.testing.assert_close(method.center, 0.9 * before + 0.1 * teacher.mean(dim=0, keepdim=True))
 
 
+def _sinkhorn_float64(scores: Tensor, epsilon: float, iterations: int) -> Tensor:
+    """Sinkhorn-Knopp as in SwAV's Algorithm 1 / DINOv2's teacher: ``Q = exp(S / eps)^T``
+    (K x N), total mass 1, then alternately every prototype row gets 1/K and every sample
+    column 1/N; returned as (N, K) rows summing to 1."""
+    q = torch.exp(scores.double() / epsilon).T
+    q = q / q.sum()
+    k, n = q.shape
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / n
+    return (q * n).T
+
+
+def test_dino_sinkhorn_centering_trains_on_dinov2_codes_and_keeps_no_centre() -> None:
+    method = small_dino(centering="sinkhorn")  # DINOv2: SK codes of the teacher, 3 iterations
+    views = dino_views()
+    out = method.training_step(batch_of(views), info(epoch=15.0))
+    with torch.no_grad():  # training-mode BN: the same batches give the same outputs
+        teacher = method.teacher_head(method.teacher_backbone(torch.cat(views[:2]))).double()
+        student = method.head(encode_by_resolution(method.backbone, views)).double()
+    codes = _sinkhorn_float64(teacher, epsilon=0.055, iterations=3)
+    total, pairs = 0.0, 0
+    for i, p_t in enumerate(codes.chunk(2)):
+        for v, s in enumerate(student.chunk(4)):
+            if v != i:
+                total -= float((p_t * torch.log_softmax(s / 0.1, dim=-1)).sum(dim=-1).mean())
+                pairs += 1
+    assert out["loss"].item() == pytest.approx(total / pairs, rel=1e-5)
+    method.on_step_end(info(epoch=15.0))
+    assert torch.equal(method.center, torch.zeros_like(method.center)), "no centre under Sinkhorn centering"
+
+
+def test_dino_koleo_adds_the_weighted_regulariser_of_each_global_crops_features() -> None:
+    method = small_dino()
+    views = dino_views()
+    without = method.training_step(batch_of(views), info())["loss"].item()
+    method.koleo_weight = 0.1  # DINOv2's weight
+    out = method.training_step(batch_of(views), info())
+    with torch.no_grad():  # the global crops share one backbone call inside the step
+        features = method.backbone(torch.cat(views[:2])).double()
+    expected = 0.0
+    for crop in features.chunk(2):  # -mean_i log(distance to the nearest other row), unit rows
+        unit = crop / crop.norm(dim=1, keepdim=True)
+        distances = torch.cdist(unit, unit).fill_diagonal_(float("inf"))
+        expected -= float(torch.log(distances.min(dim=1).values + 1e-8).mean())
+    assert float(out["koleo"]) == pytest.approx(expected, rel=1e-5)
+    assert out["loss"].item() - without == pytest.approx(0.1 * expected, rel=1e-4)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in method.backbone.parameters())
+
+
+@pytest.mark.parametrize("options", [{"centering": "mean"}, {"sinkhorn_iterations": 0}, {"koleo_weight": -1.0}])
+def test_dino_rejects_bad_dinov2_options(options: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="centering|sinkhorn_iterations"):
+        small_dino(**options)
+
+
 def test_dino_last_layer_frozen_during_the_first_epoch_only() -> None:
     method = small_dino(norm_last_layer=False)  # so the gain g is trainable too
     batch = batch_of(dino_views())
@@ -370,6 +427,17 @@ def test_the_trainer_drives_the_method(tmp_path: Path, name: str) -> None:
     assert sorted(losses) == [0, 1, 2] and all(math.isfinite(v) for v in losses.values())
     if check_state is not None:
         check_state(trainer.method)
+
+
+def test_the_trainer_drives_dino_with_dinov2_centering_and_koleo(tmp_path: Path) -> None:
+    overrides = [*ENGINE_RUNS["dino"][0], "method.centering=sinkhorn", "method.koleo_weight=0.1"]
+    trainer = Trainer(tiny_config(tmp_path, "dino", "train.max_steps=3", *overrides))
+    trainer.fit()
+    records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [0, 1, 2]
+    assert all(math.isfinite(r["loss"]) and r["koleo"] > 0 for r in steps)
+    assert trainer.method.center.abs().sum() == 0
 
 
 # -------------------------------------------------------------------- attention maps

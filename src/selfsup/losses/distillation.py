@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.losses._utils import full_precision
+from selfsup.losses.clustering import swav_loss
 from selfsup.nn.distributed import all_reduce_sum
 
 
@@ -27,29 +28,16 @@ def dino_loss(
     targets are ``softmax((t - center) / teacher_temp)`` (detached: the teacher learns by
     EMA only), the student's predictions ``log_softmax(s / student_temp)``; the loss is
     ``-sum_k P_t log P_s`` averaged over the batch and over every pair (teacher crop ``i``,
-    student crop ``v``) with ``v != i``. ``center`` is ``(1, K)`` or ``(K,)``.
+    student crop ``v``) with ``v != i``: SwAV's swapped prediction (``swav_loss``) with the
+    teacher's distributions as codes. ``center`` is ``(1, K)`` or ``(K,)``.
     Defaults are the paper's (0.1 and the final teacher temperature 0.04).
 
     References: Caron et al. 2021, "Emerging Properties in Self-Supervised Vision
     Transformers" (DINO), arXiv:2104.14294.
     """
-    if not teacher_out or len(teacher_out) > len(student_out) or len(student_out) < 2:
-        raise ValueError(
-            f"need 1 <= len(teacher_out) <= len(student_out) and len(student_out) >= 2, "
-            f"got {len(teacher_out)} teacher and {len(student_out)} student outputs"
-        )
     center = center.detach()
     targets = [F.softmax((t.detach() - center) / teacher_temp, dim=-1) for t in teacher_out]
-    log_preds = [F.log_softmax(s / student_temp, dim=-1) for s in student_out]
-    total = student_out[0].new_zeros(())
-    pairs = 0
-    for i, p_t in enumerate(targets):
-        for v, log_p_s in enumerate(log_preds):
-            if v == i:
-                continue
-            total = total - (p_t * log_p_s).sum(dim=-1).mean()
-            pairs += 1
-    return total / pairs
+    return swav_loss(student_out, targets, temperature=student_temp)
 
 
 @torch.no_grad()

@@ -13,6 +13,12 @@ Pseudocode (Algorithm 1 of the paper, with multi-crop)::
     loss.backward(); (first epoch: no update of the last layer); update(gs)
     gt.params = l * gt.params + (1 - l) * gs.params       # engine, ema_pairs()
     C = m * C + (1 - m) * mean(t)                         # on_step_end
+
+Two DINOv2 options (Oquab et al. 2023, arXiv:2304.07193, sec. 4): ``centering: sinkhorn``
+replaces the centred softmax by Sinkhorn-Knopp codes of the teacher's global-crop outputs
+(``Q = SK(exp(t / tau_t))``, 3 iterations, no centre), and ``koleo_weight > 0`` adds
+``w * sum_{global crops} KoLeo(student backbone features)``, which spreads each crop's batch
+of features over the sphere.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from selfsup.engine.schedules import linear_warmup
-from selfsup.losses import dino_center_update, dino_loss
+from selfsup.losses import dino_center_update, koleo_loss, swav_loss
 from selfsup.methods.base import Batch, Method, StepInfo
 from selfsup.nn.heads import frozen_copy
 from selfsup.nn.multicrop import encode_by_resolution
+from selfsup.nn.sinkhorn import sinkhorn_knopp
 from selfsup.registry import METHODS
 
 
@@ -103,6 +110,12 @@ class DINO(Method):
             (paper: 1).
         evaluate_teacher: evaluate and export the teacher's backbone, as the paper does (its
             sec. 5.2: the teacher outperforms the student throughout training).
+        centering: ``"ema"`` (DINO: subtract the moving-average centre, softmax at the
+            teacher temperature) or ``"sinkhorn"`` (DINOv2: Sinkhorn-Knopp codes over the
+            global batch at epsilon = the teacher temperature).
+        sinkhorn_iterations: Sinkhorn-Knopp iterations for ``centering: sinkhorn`` (DINOv2: 3).
+        koleo_weight: weight of the KoLeo regulariser on the student's backbone features of
+            each global crop (DINOv2: 0.1; 0 turns it off, DINO's default).
     """
 
     view_recipe = "multi_crop"
@@ -117,8 +130,14 @@ class DINO(Method):
                  student_temp: float = 0.1, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.07,
                  warmup_teacher_temp_epochs: float = 30.0, center_momentum: float = 0.9,
                  num_global_crops: int = 2, freeze_last_layer_epochs: float = 1.0,
-                 evaluate_teacher: bool = True) -> None:
+                 evaluate_teacher: bool = True, centering: str = "ema", sinkhorn_iterations: int = 3,
+                 koleo_weight: float = 0.0) -> None:
         super().__init__()
+        if centering not in ("ema", "sinkhorn"):
+            raise ValueError(f"centering must be 'ema' or 'sinkhorn', got {centering!r}")
+        if sinkhorn_iterations < 1 or koleo_weight < 0:
+            raise ValueError(f"need sinkhorn_iterations >= 1 and koleo_weight >= 0, got "
+                             f"{sinkhorn_iterations} and {koleo_weight}")
         self.backbone = backbone
         self.head = DINOHead(backbone.num_features, out_dim, proj_hidden_dim, proj_dim, head_bn, norm_last_layer)
         self.teacher_backbone = frozen_copy(backbone)
@@ -132,6 +151,9 @@ class DINO(Method):
         self.num_global_crops = num_global_crops
         self.freeze_last_layer_epochs = freeze_last_layer_epochs
         self.evaluate_teacher = evaluate_teacher
+        self.centering = centering
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.koleo_weight = koleo_weight
         self._pending_teacher: list[Tensor] = []
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
@@ -151,18 +173,36 @@ class DINO(Method):
         if len(views) < 2 or not 1 <= self.num_global_crops <= len(views):
             raise ValueError(f"DINO needs at least 2 views, num_global_crops={self.num_global_crops} of "
                              f"them global; got {len(views)}")
-        student_out = self.head(encode_by_resolution(self.backbone, views)).chunk(len(views))
+        features = encode_by_resolution(self.backbone, views)
+        student_out = self.head(features).chunk(len(views))
         with torch.no_grad():
             global_crops = torch.cat(list(views[: self.num_global_crops]))
             teacher_cat = self.teacher_head(self.teacher_backbone(global_crops)).float()
         teacher_temp = self.teacher_temperature(step.epoch)
-        loss = dino_loss(student_out, teacher_cat.chunk(self.num_global_crops), self.center,
-                         student_temp=self.student_temp, teacher_temp=teacher_temp)
-        # Kept for on_step_end (one entry per accumulated micro-batch): the forward never
-        # changes the centre itself.
-        self._pending_teacher.append(teacher_cat)
-        entropy = _entropy(F.softmax((teacher_cat - self.center) / teacher_temp, dim=-1))
-        return {"loss": loss, "teacher_temp": loss.new_tensor(teacher_temp), "teacher_entropy": entropy}
+        targets = self.teacher_targets(teacher_cat, teacher_temp)
+        # DINO's cross-entropy over (teacher crop i, student crop v != i) pairs is SwAV's swapped
+        # prediction with the teacher's distributions as codes (dino_loss for the EMA centre).
+        loss = swav_loss(student_out, targets.chunk(self.num_global_crops), temperature=self.student_temp)
+        metrics = {"teacher_temp": loss.new_tensor(teacher_temp), "teacher_entropy": _entropy(targets)}
+        if self.koleo_weight > 0:
+            global_features = features[: len(global_crops)].chunk(self.num_global_crops)
+            koleo = sum(koleo_loss(f) for f in global_features)
+            metrics["koleo"] = koleo.detach()
+            loss = loss + self.koleo_weight * koleo
+        if self.centering == "ema":
+            # Kept for on_step_end (one entry per accumulated micro-batch): the forward never
+            # changes the centre itself.
+            self._pending_teacher.append(teacher_cat)
+        return {"loss": loss, **metrics}
+
+    @torch.no_grad()
+    def teacher_targets(self, teacher_out: Tensor, teacher_temp: float) -> Tensor:
+        """The teacher's target distributions ``(N, K)`` for its global-crop outputs ``(N, K)``:
+        ``softmax((t - C) / tau_t)`` (DINO) or Sinkhorn-Knopp codes of ``t / tau_t`` over the
+        global batch (DINOv2); rows sum to 1."""
+        if self.centering == "sinkhorn":
+            return sinkhorn_knopp(teacher_out, epsilon=teacher_temp, iterations=self.sinkhorn_iterations)
+        return F.softmax((teacher_out - self.center) / teacher_temp, dim=-1)
 
     def on_after_backward(self, step: StepInfo) -> None:
         # "Typically [keeping the output layer fixed] during the first epoch helps training"
