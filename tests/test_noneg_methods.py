@@ -16,6 +16,8 @@ from torch import Tensor
 
 import selfsup.methods.swav as swav_module
 from conftest import tiny_config
+from test_losses_distillation import ref_koleo
+from test_nn_sinkhorn import ref_sinkhorn
 from selfsup.data import DataSplits
 from selfsup.engine.trainer import Trainer
 from selfsup.losses import barlow_twins_loss, dino_loss
@@ -256,19 +258,6 @@ def test_dino_loss_and_center_follow_the_formulas_center_only_in_on_step_end() -
     torch.testing.assert_close(method.center, 0.9 * before + 0.1 * teacher.mean(dim=0, keepdim=True))
 
 
-def _sinkhorn_float64(scores: Tensor, epsilon: float, iterations: int) -> Tensor:
-    """Sinkhorn-Knopp as in SwAV's Algorithm 1 / DINOv2's teacher: ``Q = exp(S / eps)^T``
-    (K x N), total mass 1, then alternately every prototype row gets 1/K and every sample
-    column 1/N; returned as (N, K) rows summing to 1."""
-    q = torch.exp(scores.double() / epsilon).T
-    q = q / q.sum()
-    k, n = q.shape
-    for _ in range(iterations):
-        q = q / q.sum(dim=1, keepdim=True) / k
-        q = q / q.sum(dim=0, keepdim=True) / n
-    return (q * n).T
-
-
 def test_dino_sinkhorn_centering_trains_on_dinov2_codes_and_keeps_no_centre() -> None:
     method = small_dino(centering="sinkhorn")  # DINOv2: SK codes of the teacher, 3 iterations
     views = dino_views()
@@ -276,7 +265,7 @@ def test_dino_sinkhorn_centering_trains_on_dinov2_codes_and_keeps_no_centre() ->
     with torch.no_grad():  # training-mode BN: the same batches give the same outputs
         teacher = method.teacher_head(method.teacher_backbone(torch.cat(views[:2]))).double()
         student = method.head(encode_by_resolution(method.backbone, views)).double()
-    codes = _sinkhorn_float64(teacher, epsilon=0.055, iterations=3)
+    codes = torch.tensor(ref_sinkhorn(teacher.tolist(), eps=0.055, iters=3), dtype=torch.float64)
     total, pairs = 0.0, 0
     for i, p_t in enumerate(codes.chunk(2)):
         for v, s in enumerate(student.chunk(4)):
@@ -296,11 +285,7 @@ def test_dino_koleo_adds_the_weighted_regulariser_of_each_global_crops_features(
     out = method.training_step(batch_of(views), info())
     with torch.no_grad():  # the global crops share one backbone call inside the step
         features = method.backbone(torch.cat(views[:2])).double()
-    expected = 0.0
-    for crop in features.chunk(2):  # -mean_i log(distance to the nearest other row), unit rows
-        unit = crop / crop.norm(dim=1, keepdim=True)
-        distances = torch.cdist(unit, unit).fill_diagonal_(float("inf"))
-        expected -= float(torch.log(distances.min(dim=1).values + 1e-8).mean())
+    expected = sum(ref_koleo(crop, eps=1e-8) for crop in features.chunk(2))
     assert float(out["koleo"]) == pytest.approx(expected, rel=1e-5)
     assert out["loss"].item() - without == pytest.approx(0.1 * expected, rel=1e-4)
     out["loss"].backward()
