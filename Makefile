@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test test-fast bench clean
+.PHONY: setup data demo lint test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -34,7 +34,14 @@ demo: setup data
 	else echo "Fashion-MNIST not found under $(FMNIST): running the demo on scikit-learn's digits"; \
 	  $(BIN)/selfsup pretrain configs/simclr/digits.yaml run.name=demo-simclr-digits $(ARGS); fi
 
-test: setup data
+# Style, types and the layer contract (DESIGN.md): each must report nothing.
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: setup data lint
 	$(BIN)/python -m pytest tests
 
 test-fast: setup
@@ -44,4 +51,4 @@ bench: setup data
 	$(BIN)/python benchmarks/throughput.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

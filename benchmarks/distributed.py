@@ -27,22 +27,30 @@ from pathlib import Path
 
 
 def _config(path: Path, data: Path, args: argparse.Namespace) -> Path:
-    path.write_text("\n".join([
-        f"data: {{name: npz, path: '{data}'}}",
-        f"backbone: {{name: {args.backbone}, width: {args.width}}}",
-        f"method: {{name: {args.method}}}",
-        "optim: {warmup_epochs: 0}",
-        f"train: {{max_steps: {args.steps}, log_every: {args.log_every}, knn_every: 0, progress: false, "
-        f"device: {args.device}, sync_batchnorm: {str(args.sync_batchnorm).lower()}}}",
-        "eval: {at_end: false}",
-        f"run: {{out_dir: '{path.parent / 'runs'}', tensorboard: false}}",
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                f"data: {{name: npz, path: '{data}'}}",
+                f"backbone: {{name: {args.backbone}, width: {args.width}}}",
+                f"method: {{name: {args.method}}}",
+                "optim: {warmup_epochs: 0}",
+                f"train: {{max_steps: {args.steps}, log_every: {args.log_every}, knn_every: 0, progress: false, "
+                f"device: {args.device}, sync_batchnorm: {str(args.sync_batchnorm).lower()}}}",
+                "eval: {at_end: false}",
+                f"run: {{out_dir: '{path.parent / 'runs'}', tensorboard: false}}",
+            ]
+        )
+        + "\n"
+    )
     return path
 
 
 def _images_per_s(run_dir: Path) -> float:
-    rates = [r["images_per_s"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-             if "images_per_s" in r]
+    rates = [
+        r["images_per_s"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if "images_per_s" in r
+    ]
     steady = rates[1:] or rates
     return sum(steady) / len(steady)
 
@@ -57,8 +65,9 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=256, help="images per step over all processes")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="CPU threads shared between the processes of a run")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="CPU threads shared between the processes of a run"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--sync-batchnorm", action="store_true")
     args = parser.parse_args()
@@ -73,31 +82,40 @@ def main() -> None:
         rng = np.random.default_rng(0)
         n = args.global_batch * (args.steps + 1) * 5 // 4  # no epoch end (and checkpoint) mid-run
         data = root / "synthetic.npz"
-        np.savez(data, x_train=rng.integers(0, 256, (n, args.image_size, args.image_size), dtype=np.uint8),
-                 y_train=rng.integers(0, 10, n))
+        np.savez(
+            data,
+            x_train=rng.integers(0, 256, (n, args.image_size, args.image_size), dtype=np.uint8),
+            y_train=rng.integers(0, 10, n),
+        )
         config = _config(root / "bench.yaml", data, args)
         for procs in args.procs:
             if args.global_batch % procs:
                 print(f"skipping {procs} processes: {args.global_batch} does not split evenly")
                 continue
-            overrides = [f"train.batch_size={args.global_batch // procs}", f"run.name=p{procs}",
-                         f"train.threads={max(1, args.threads // procs)}"]
+            overrides = [
+                f"train.batch_size={args.global_batch // procs}",
+                f"run.name=p{procs}",
+                f"train.threads={max(1, args.threads // procs)}",
+            ]
             argv = ["pretrain", str(config), *overrides] + (["--nproc", str(procs)] if procs > 1 else [])
             if cli.main(argv) != 0:
                 print(f"{procs} processes: the run failed")
                 continue
             results[procs] = _images_per_s(root / "runs" / f"p{procs}")
 
-    print(f"\n{args.method} on {args.backbone} (width {args.width}), synthetic 1x{args.image_size}px, "
-          f"global batch {args.global_batch}, {args.threads} threads in all, device={args.device}")
+    print(
+        f"\n{args.method} on {args.backbone} (width {args.width}), synthetic 1x{args.image_size}px, "
+        f"global batch {args.global_batch}, {args.threads} threads in all, device={args.device}"
+    )
     header = f"{'processes':>9} {'batch/process':>13} {'threads/process':>15} {'images/s':>9} {'vs 1':>6}"
     print(header)
     print("-" * len(header))
     base = results.get(1)
     for procs, rate in results.items():
         ratio = f"{rate / base:.2f}" if base else "-"
-        print(f"{procs:>9} {args.global_batch // procs:>13} {max(1, args.threads // procs):>15} {rate:>9.0f} "
-              f"{ratio:>6}")
+        print(
+            f"{procs:>9} {args.global_batch // procs:>13} {max(1, args.threads // procs):>15} {rate:>9.0f} {ratio:>6}"
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 
 def _measure(args: argparse.Namespace) -> dict[str, float]:
@@ -26,16 +27,18 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
 
     from selfsup.config import load_config
     from selfsup.engine.build import build_method, build_views
+    from selfsup.engine.loop import DataBatch, LoopSchedule, TrainingLoop
     from selfsup.engine.optim import build_optimizer
-    from selfsup.engine.trainer import Trainer, resolve_device
+    from selfsup.engine.run import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     size, channels = args.image_size, args.channels
     images = torch.randint(0, 256, (args.batch_size, channels, size, size), dtype=torch.uint8)
-    labels = torch.zeros(args.batch_size, dtype=torch.long)
-    index = torch.arange(args.batch_size)
+    data = DataBatch(
+        images=images, index=torch.arange(args.batch_size), label=torch.zeros(args.batch_size, dtype=torch.long)
+    )
 
     class Splits:  # the facts the builders read, without loading a dataset
         name = "synthetic"
@@ -43,30 +46,49 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
         mean, std = (0.5,) * channels, (0.25,) * channels
         pretrain = range(args.batch_size * 100)
 
-    cfg = load_config(None, [f"method.name={args.method}", f"backbone.name={args.backbone}",
-                             f"train.batch_size={args.batch_size}", f"train.precision={args.precision}",
-                             f"train.channels_last={str(args.channels_last).lower()}", "train.progress=false"])
+    cfg = load_config(
+        None,
+        [
+            f"method.name={args.method}",
+            f"backbone.name={args.backbone}",
+            f"train.batch_size={args.batch_size}",
+            f"train.precision={args.precision}",
+            f"train.channels_last={str(args.channels_last).lower()}",
+            "train.progress=false",
+        ],
+    )
     for key, value in json.loads(args.backbone_options).items():
         cfg.backbone[key] = value
     splits = Splits()
     method = build_method(cfg, splits).to(device)  # type: ignore[arg-type]
     views = build_views(cfg, splits).to(device)  # type: ignore[arg-type]
     if args.channels_last:
-        method = method.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format at run time; torch's overloads leave it out.
+        method = method.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
-    trainer = Trainer.__new__(Trainer)  # the real step, without a run folder or dataset
-    trainer.cfg, trainer.device, trainer.method, trainer.model = cfg, device, method, method
-    trainer.parts = type("Parts", (), {"train_views": views})()
-    trainer.optimizer = build_optimizer(method.param_groups(), cfg.optim, cfg.optim.lr)
-    trainer.total_steps = trainer.steps_per_epoch = 1000
-    trainer.ema_range = method.default_ema_momentum
-    trainer.peak_lr, trainer.warmup_steps = cfg.optim.lr, 0
+    # The real optimisation step of the shared training loop, without a run folder or dataset.
+    schedule = LoopSchedule(
+        total_steps=1000,
+        steps_per_epoch=1000,
+        peak_lr=cfg.optim.lr,
+        weight_decay=(cfg.optim.weight_decay, cfg.optim.weight_decay),
+        ema_momentum=method.default_ema_momentum,
+    )
+    loop = TrainingLoop(
+        method,
+        build_optimizer(method.param_groups(), cfg.optim, cfg.optim.lr),
+        schedule,
+        views,
+        device,
+        precision=args.precision,
+        channels_last=args.channels_last,
+    )
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed(fn, steps: int) -> float:  # type: ignore[no-untyped-def]
+    def timed(fn: Callable[[], object], steps: int) -> float:
         for _ in range(args.warmup):
             fn()
         sync()
@@ -77,8 +99,7 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
         return steps * args.batch_size / (time.perf_counter() - start)
 
     step_counter = iter(range(10**9))
-    method_ips = timed(lambda: trainer._optimisation_step(images, labels, index, trainer.step_info(next(step_counter))),
-                       args.steps)
+    method_ips = timed(lambda: loop.step(data, loop.step_info(next(step_counter))), args.steps)
 
     backbone = method.backbone
     fixed_views = views(images.to(device).float() / 255)
@@ -99,8 +120,12 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"method_images_per_s": method_ips, "backbone_images_per_s": bare_ips, "peak_memory_mb": peak_mb,
-            "views": len(fixed_views)}
+    return {
+        "method_images_per_s": method_ips,
+        "backbone_images_per_s": bare_ips,
+        "peak_memory_mb": peak_mb,
+        "views": len(fixed_views),
+    }
 
 
 def main() -> None:
@@ -128,9 +153,11 @@ def main() -> None:
 
     methods = args.methods or METHODS.names()
     passthrough = [a for a in sys.argv[1:] if a != "--methods" and a not in methods]
-    print(f"backbone={args.backbone} {args.backbone_options} image={args.channels}x{args.image_size}px "
-          f"batch={args.batch_size} precision={args.precision} channels_last={args.channels_last} "
-          f"device={args.device}")
+    print(
+        f"backbone={args.backbone} {args.backbone_options} image={args.channels}x{args.image_size}px "
+        f"batch={args.batch_size} precision={args.precision} channels_last={args.channels_last} "
+        f"device={args.device}"
+    )
     header = f"{'method':<12} {'views':>5} {'train img/s':>12} {'backbone img/s':>15} {'ratio':>6} {'peak MB':>8}"
     print(header)
     print("-" * len(header))
@@ -141,8 +168,11 @@ def main() -> None:
             print(f"{name:<12} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{name:<12} {r['views']:>5} {r['method_images_per_s']:>12.0f} {r['backbone_images_per_s']:>15.0f} "
-              f"{r['method_images_per_s'] / r['backbone_images_per_s']:>6.2f} {r['peak_memory_mb']:>8.0f}", flush=True)
+        print(
+            f"{name:<12} {r['views']:>5} {r['method_images_per_s']:>12.0f} {r['backbone_images_per_s']:>15.0f} "
+            f"{r['method_images_per_s'] / r['backbone_images_per_s']:>6.2f} {r['peak_memory_mb']:>8.0f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

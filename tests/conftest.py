@@ -27,10 +27,24 @@ def _seed_and_threads() -> None:
 
 def tiny_config(tmp_path: Path, method: str = "simclr", *overrides: str) -> Config:
     """A seconds-long run on scikit-learn's digits with a narrow ConvNet."""
-    return load_config(None, [
-        "data.name=digits", "backbone.name=convnet", "backbone.width=8",
-        f"method.name={method}", "train.batch_size=64", "train.epochs=1", "train.log_every=1",
-        "train.knn_every=0", "train.progress=false", "eval.linear_epochs=5", "eval.baselines=false",
-        "eval.at_end=false", f"run.out_dir={tmp_path}", "run.name=tiny", "run.tensorboard=false",
-        *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            "data.name=digits",
+            "backbone.name=convnet",
+            "backbone.width=8",
+            f"method.name={method}",
+            "train.batch_size=64",
+            "train.epochs=1",
+            "train.log_every=1",
+            "train.knn_every=0",
+            "train.progress=false",
+            "eval.linear_epochs=5",
+            "eval.baselines=false",
+            "eval.at_end=false",
+            f"run.out_dir={tmp_path}",
+            "run.name=tiny",
+            "run.tensorboard=false",
+            *overrides,
+        ],
+    )

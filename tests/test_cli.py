@@ -14,16 +14,37 @@ DIGITS = str(Path(__file__).resolve().parents[1] / "configs" / "simclr" / "digit
 
 
 def _args(tmp_path: Path, method: str, *extra: str) -> list[str]:
-    return ["data.name=digits", "backbone.name=convnet", "backbone.width=8", f"method.name={method}",
-            "train.batch_size=64", "train.epochs=2", "train.progress=false", "train.knn_every=1",
-            "eval.linear_epochs=10", f"run.out_dir={tmp_path}", f"run.name={method}", *extra]
+    return [
+        "data.name=digits",
+        "backbone.name=convnet",
+        "backbone.width=8",
+        f"method.name={method}",
+        "train.batch_size=64",
+        "train.epochs=2",
+        "train.progress=false",
+        "train.knn_every=1",
+        "eval.linear_epochs=10",
+        f"run.out_dir={tmp_path}",
+        f"run.name={method}",
+        *extra,
+    ]
 
 
-def test_pretrain_writes_a_complete_run_folder_and_eval_reads_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pretrain_writes_a_complete_run_folder_and_eval_reads_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["pretrain", DIGITS, *_args(tmp_path, "simclr")]) == 0
     run = tmp_path / "simclr"
-    for name in ["config.yaml", "resolved.json", "metrics.jsonl", "checkpoints/last.pt", "backbone.safetensors",
-                 "results.json", "results.txt", "loss_curve.png"]:
+    for name in [
+        "config.yaml",
+        "resolved.json",
+        "metrics.jsonl",
+        "checkpoints/last.pt",
+        "backbone.safetensors",
+        "results.json",
+        "results.txt",
+        "loss_curve.png",
+    ]:
         assert (run / name).is_file(), name
     assert any((run / "tensorboard").iterdir())
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

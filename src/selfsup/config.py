@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,30 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with the 1.2 core schema's numbers: ``1e-3`` is a float (YAML 1.1, PyYAML's
+    default, reads it as a string because it lacks a dot)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parses YAML text with YAML 1.2 number rules (see ``_Loader``)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -266,9 +291,14 @@ def _unknown_key(key: str, valid: Sequence[str], where: str) -> ConfigError:
     return ConfigError(f"unknown key {key!r} in {where}{hint} (valid: {', '.join(sorted(valid))})")
 
 
-def check_options(factory: Callable[..., Any], options: Mapping[str, Any], section: str,
-                  reserved: Sequence[str] = (), error: type[Exception] = ConfigError,
-                  require: bool = False) -> dict[str, Any]:
+def check_options(
+    factory: Callable[..., Any],
+    options: Mapping[str, Any],
+    section: str,
+    reserved: Sequence[str] = (),
+    error: type[Exception] = ConfigError,
+    require: bool = False,
+) -> dict[str, Any]:
     """Validates keyword ``options`` against ``factory``'s signature (names and types) and
     returns them type-coerced; raises ``error`` naming the key and the closest valid one.
 
@@ -282,7 +312,8 @@ def check_options(factory: Callable[..., Any], options: Mapping[str, Any], secti
     except Exception:  # unresolved forward references: fall back to no type checks
         hints = {}
     params = {
-        name: p for name, p in signature.parameters.items()
+        name: p
+        for name, p in signature.parameters.items()
         if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name not in reserved
     }
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
@@ -299,8 +330,9 @@ def check_options(factory: Callable[..., Any], options: Mapping[str, Any], secti
             checked[key] = coerce(value, hints.get(key, params[key].annotation), f"{section}.{key}")
         missing = [k for k, p in params.items() if require and p.default is p.empty and k not in options]
         if missing:
-            raise ConfigError(f"{section} needs {', '.join(f'{k}=...' for k in missing)} "
-                              f"(valid options: {', '.join(params)})")
+            raise ConfigError(
+                f"{section} needs {', '.join(f'{k}=...' for k in missing)} (valid options: {', '.join(params)})"
+            )
     except ConfigError as err:
         if error is ConfigError:
             raise
@@ -318,7 +350,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if len(path) < 2:
         raise ConfigError(f"override {text!r} must name a section and a key, e.g. train.epochs=5")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: cannot parse value: {err}") from None
     return path, value
@@ -386,7 +418,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml_load(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: invalid YAML: {err}") from None
         if loaded is not None and not isinstance(loaded, dict):

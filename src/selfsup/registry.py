@@ -2,12 +2,20 @@
 
 Everything registered is listed by ``selfsup list`` and exercised by the registry-driven
 contract tests, so registering a component is how it joins the test suite.
+
+This module is the bottom layer: it imports no other part of selfsup. Each registry names
+the package whose modules register into it (``selfsup.methods`` for methods, ...) and
+imports that package by name the first time it is asked for a component, so asking for a
+method never needs a hand-kept import list, and importing one method does not load the
+others' packages.
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Generic, TypeVar
+import importlib
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -22,9 +30,21 @@ class RegistryError(KeyError):
 class Registry(Generic[T]):
     """A mapping of names to factories (classes or functions) of one kind."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, package: str | None = None) -> None:
+        """``package``: imported (once) before the first lookup; its modules register here."""
         self.kind = kind
+        self.package = package
         self._factories: dict[str, Callable[..., T]] = {}
+        self._loaded = package is None
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            importlib.import_module(self.package)  # type: ignore[arg-type]
+
+    def unregister(self, name: str) -> None:
+        """Removes ``name`` (tests that register a throw-away component clean up with it)."""
+        self._factories.pop(name, None)
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Decorator: ``@BACKBONES.register("resnet18")``."""
@@ -38,7 +58,7 @@ class Registry(Generic[T]):
         return decorate
 
     def get(self, name: str) -> Callable[..., T]:
-        _load_builtin_components()
+        self._load()
         try:
             return self._factories[name]
         except KeyError:
@@ -52,29 +72,15 @@ class Registry(Generic[T]):
         return self.get(name)(**kwargs)
 
     def names(self) -> list[str]:
-        _load_builtin_components()
+        self._load()
         return sorted(self._factories)
 
     def __contains__(self, name: str) -> bool:
-        _load_builtin_components()
+        self._load()
         return name in self._factories
 
 
-BACKBONES: Registry[Any] = Registry("backbone")
-METHODS: Registry[Any] = Registry("method")
-DATASETS: Registry[Any] = Registry("dataset")
-VIEW_RECIPES: Registry[Any] = Registry("view recipe")
-
-_loaded = False
-
-
-def _load_builtin_components() -> None:
-    """Import the packages whose modules register themselves (once, lazily)."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import selfsup.data  # noqa: F401
-    import selfsup.methods  # noqa: F401
-    import selfsup.nn.backbones  # noqa: F401
-    import selfsup.transforms  # noqa: F401
+BACKBONES: Registry[Any] = Registry("backbone", "selfsup.nn.backbones")
+METHODS: Registry[Any] = Registry("method", "selfsup.methods")
+DATASETS: Registry[Any] = Registry("dataset", "selfsup.data")
+VIEW_RECIPES: Registry[Any] = Registry("view recipe", "selfsup.transforms")

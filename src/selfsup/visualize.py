@@ -57,8 +57,9 @@ def _attention_backbone(method: Method, use_teacher: bool) -> nn.Module:
     return backbone
 
 
-def _load_images(source: str | Path | Sequence[int], splits: DataSplits, image_size: int, in_channels: int,
-                 split: str) -> tuple[Tensor, list[str]]:
+def _load_images(
+    source: str | Path | Sequence[int], splits: DataSplits, image_size: int, in_channels: int, split: str
+) -> tuple[Tensor, list[str]]:
     """``(N, C, S, S)`` uint8 images and a name for each, from a folder / file or indices."""
     import torch
 
@@ -75,20 +76,33 @@ def _load_images(source: str | Path | Sequence[int], splits: DataSplits, image_s
             raise FileNotFoundError(f"no image file or folder at {str(path)!r}")
         if not files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(path)!r}")
-        dataset = ImageFolderDataset([str(f) for f in files], None, image_size, "L" if in_channels == 1 else "RGB",
-                                     on_error="raise")
+        dataset = ImageFolderDataset(
+            [str(f) for f in files], None, image_size, "L" if in_channels == 1 else "RGB", on_error="raise"
+        )
         return torch.stack([dataset.load(i) for i in range(len(dataset))]), [f.stem for f in files]
     data: ImageDataset = getattr(splits, split)
     indices = [int(i) for i in source]
     if not indices:
         raise ValueError("give at least one dataset index")
-    samples = [data[i] for i in indices]
-    return torch.stack([s[0] for s in samples]), [f"{split}_{i}" for i in indices]
+    images = []
+    for i in indices:
+        sample = data[i]
+        if sample is None:  # a dataset that skips undecodable files returns None for them
+            raise ValueError(f"{split} sample {i} could not be decoded")
+        images.append(sample[0])
+    return torch.stack(images), [f"{split}_{i}" for i in indices]
 
 
-def attention_maps(run_dir_or_ckpt: str | Path, images_path_or_dataset_indices: str | Path | Sequence[int],
-                   out_dir: str | Path, *, split: str = "test", image_size: int | None = None,
-                   use_teacher: bool = True, device: str = "cpu") -> list[Path]:
+def attention_maps(
+    run_dir_or_ckpt: str | Path,
+    images_path_or_dataset_indices: str | Path | Sequence[int],
+    out_dir: str | Path,
+    *,
+    split: str = "test",
+    image_size: int | None = None,
+    use_teacher: bool = True,
+    device: str = "cpu",
+) -> list[Path]:
     """Write one PNG per image with the class token's last-block attention of every head.
 
     Args:
@@ -117,6 +131,7 @@ def attention_maps(run_dir_or_ckpt: str | Path, images_path_or_dataset_indices: 
     from selfsup.config import from_dict
     from selfsup.engine.build import build_data, build_method
     from selfsup.engine.checkpoint import load_checkpoint
+    from selfsup.nn.backbones.protocol import as_token_backbone
     from selfsup.registry import VIEW_RECIPES
 
     matplotlib.use("Agg")
@@ -128,11 +143,13 @@ def attention_maps(run_dir_or_ckpt: str | Path, images_path_or_dataset_indices: 
     method = build_method(cfg, splits)
     backbone = _attention_backbone(method, use_teacher)
     if not hasattr(backbone, "get_last_self_attention"):
-        raise TypeError(f"attention maps need a ViT backbone (vit_tiny, vit_small, vit_base); this run's "
-                        f"backbone is {cfg.backbone['name']!r} ({type(backbone).__name__})")
+        raise TypeError(
+            f"attention maps need a ViT backbone (vit_tiny, vit_small, vit_base); this run's "
+            f"backbone is {cfg.backbone['name']!r} ({type(backbone).__name__})"
+        )
     method.load_state_dict(state["method"])
-    backbone = backbone.to(device).eval()
-    patch = int(backbone.patch_size)
+    vit = as_token_backbone(backbone.to(device).eval())
+    patch = int(vit.patch_size)
     size = image_size or splits.image_size
     if size % patch:
         raise ValueError(f"image_size {size} is not a multiple of the patch size {patch}")
@@ -140,11 +157,12 @@ def attention_maps(run_dir_or_ckpt: str | Path, images_path_or_dataset_indices: 
     images, names = _load_images(images_path_or_dataset_indices, splits, size, splits.in_channels, split)
     # The evaluation recipe at `size`: resize (a no-op for files decoded at that size) and
     # normalise with the training statistics.
-    views = VIEW_RECIPES.build("eval", image_size=size, in_channels=splits.in_channels, mean=splits.mean,
-                               std=splits.std)
+    views = VIEW_RECIPES.build(
+        "eval", image_size=size, in_channels=splits.in_channels, mean=splits.mean, std=splits.std
+    )
     x = views(images)[0]
     with torch.no_grad():
-        attention = backbone.get_last_self_attention(x.to(device)).float().cpu()
+        attention = vit.get_last_self_attention(x.to(device)).float().cpu()
     maps = cls_attention_maps(attention, (size // patch, size // patch), patch)
 
     out = Path(out_dir)
@@ -170,9 +188,15 @@ def attention_maps(run_dir_or_ckpt: str | Path, images_path_or_dataset_indices: 
     return paths
 
 
-def reconstruction_grid(run_dir_or_ckpt: str | Path, images_path_or_dataset_indices: str | Path | Sequence[int],
-                        out_path: str | Path, *, split: str = "test", seed: int = 0,
-                        device: str = "cpu") -> Path:
+def reconstruction_grid(
+    run_dir_or_ckpt: str | Path,
+    images_path_or_dataset_indices: str | Path | Sequence[int],
+    out_path: str | Path,
+    *,
+    split: str = "test",
+    seed: int = 0,
+    device: str = "cpu",
+) -> Path:
     """Write one PNG grid of masked-image-modelling reconstructions (MAE's Figure 2).
 
     One row per image, three columns: the input, the masked input (hidden patches black),
@@ -213,14 +237,17 @@ def reconstruction_grid(run_dir_or_ckpt: str | Path, images_path_or_dataset_indi
     splits = build_data(cfg)
     method = build_method(cfg, splits)
     if not callable(getattr(method, "reconstruct", None)):
-        raise TypeError(f"method {cfg.method['name']!r} ({type(method).__name__}) has no reconstruct(); "
-                        "reconstructions need a masked autoencoder such as mae")
+        raise TypeError(
+            f"method {cfg.method['name']!r} ({type(method).__name__}) has no reconstruct(); "
+            "reconstructions need a masked autoencoder such as mae"
+        )
     method.load_state_dict(state["method"])
     method = method.to(device).eval()
     size = splits.image_size
     images, names = _load_images(images_path_or_dataset_indices, splits, size, splits.in_channels, split)
-    views = VIEW_RECIPES.build("eval", image_size=size, in_channels=splits.in_channels, mean=splits.mean,
-                               std=splits.std)
+    views = VIEW_RECIPES.build(
+        "eval", image_size=size, in_channels=splits.in_channels, mean=splits.mean, std=splits.std
+    )
     x = views(images)[0].to(device)
     torch.manual_seed(seed)  # masks draw from the global generator
     masked, recon = method.reconstruct(x)  # type: ignore[operator]
@@ -254,11 +281,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="visualization", required=True)
     p = sub.add_parser("attention", help="class-token attention maps of a ViT run (DINO)")
     p.add_argument("run", help="run folder or checkpoint file")
-    p.add_argument("--images", nargs="+", required=True,
-                   help="an image file, a folder of images, or dataset indices (e.g. 0 1 2)")
+    p.add_argument(
+        "--images", nargs="+", required=True, help="an image file, a folder of images, or dataset indices (e.g. 0 1 2)"
+    )
     p.add_argument("--out", default=None, help="output folder (default: RUN/attention)")
-    p.add_argument("--split", default="test", choices=["test", "train", "pretrain"],
-                   help="dataset split the indices refer to")
+    p.add_argument(
+        "--split", default="test", choices=["test", "train", "pretrain"], help="dataset split the indices refer to"
+    )
     p.add_argument("--image-size", type=int, default=None, help="view the images at this side")
     p.add_argument("--student", action="store_true", help="use the student even if there is an EMA teacher")
     p.add_argument("--device", default="cpu")
@@ -266,11 +295,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("reconstruction", help="masked-autoencoder reconstructions of a run (MAE)")
     p.add_argument("run", help="run folder or checkpoint file")
-    p.add_argument("--images", nargs="+", default=["0", "1", "2", "3"],
-                   help="an image file, a folder of images, or dataset indices (default 0 1 2 3)")
+    p.add_argument(
+        "--images",
+        nargs="+",
+        default=["0", "1", "2", "3"],
+        help="an image file, a folder of images, or dataset indices (default 0 1 2 3)",
+    )
     p.add_argument("--out", default=None, help="output PNG (default: RUN/reconstruction.png)")
-    p.add_argument("--split", default="test", choices=["test", "train", "pretrain"],
-                   help="dataset split the indices refer to")
+    p.add_argument(
+        "--split", default="test", choices=["test", "train", "pretrain"], help="dataset split the indices refer to"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_reconstruction)
@@ -288,8 +322,9 @@ def _image_source(items: list[str]) -> str | list[int]:
 def _cmd_reconstruction(args: argparse.Namespace) -> int:
     run = Path(args.run)
     out = Path(args.out) if args.out else (run if run.is_dir() else run.parent.parent) / "reconstruction.png"
-    print(reconstruction_grid(run, _image_source(args.images), out, split=args.split, seed=args.seed,
-                              device=args.device))
+    print(
+        reconstruction_grid(run, _image_source(args.images), out, split=args.split, seed=args.seed, device=args.device)
+    )
     return 0
 
 
@@ -297,8 +332,9 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     source = _image_source(args.images)
     run = Path(args.run)
     out = Path(args.out) if args.out else (run if run.is_dir() else run.parent.parent) / "attention"
-    paths = attention_maps(run, source, out, split=args.split, image_size=args.image_size,
-                           use_teacher=not args.student, device=args.device)
+    paths = attention_maps(
+        run, source, out, split=args.split, image_size=args.image_size, use_teacher=not args.student, device=args.device
+    )
     for path in paths:
         print(path)
     return 0
@@ -306,8 +342,9 @@ def _cmd_attention(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m selfsup.visualize attention|reconstruction RUN --images ...``."""
-    parser = argparse.ArgumentParser(prog="selfsup visualize", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="selfsup visualize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     configure_parser(parser)
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from selfsup.config import check_options
 from selfsup.data import datasets  # noqa: F401  (registers the builders)
 from selfsup.data.base import (
     BatchTriple,
@@ -26,7 +27,6 @@ from selfsup.data.base import (
 )
 from selfsup.data.datasets import ImageFolderDataset, read_idx, scan_image_folder
 from selfsup.data.loader import EpochBatchSampler, SkipFailedCollate, iterate_batches, iterate_eval
-from selfsup.config import check_options
 from selfsup.registry import DATASETS
 
 __all__ = [

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,8 +100,7 @@ class TensorImageDataset(ImageDataset):
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise DataError(
-                f"TensorImageDataset needs uint8 images (N, C, H, W), got {images.dtype} "
-                f"{tuple(images.shape)}"
+                f"TensorImageDataset needs uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
             )
         if images.shape[-1] != images.shape[-2]:
             raise DataError(
@@ -228,7 +227,10 @@ def resize_images(images: Tensor, size: int, chunk: int = 4096) -> Tensor:
     for start in range(0, n, chunk):
         # torch resizes uint8 directly (a vectorised kernel, 2-4x faster than via float).
         out[start : start + chunk] = F.interpolate(
-            images[start : start + chunk], size=(size, size), mode="bilinear", antialias=True,
+            images[start : start + chunk],
+            size=(size, size),
+            mode="bilinear",
+            antialias=True,
             align_corners=False,
         )
     return out
@@ -281,9 +283,7 @@ def channel_stats(
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-def stratified_split(
-    labels: Tensor, test_fraction: float, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
+def stratified_split(labels: Tensor, test_fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Split sample indices into train/test with the same class proportions.
 
     The test set has ``ceil(N * test_fraction)`` samples (as scikit-learn's

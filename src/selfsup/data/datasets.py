@@ -21,8 +21,8 @@ import os
 import pickle
 import struct
 import zlib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -138,10 +138,7 @@ def read_idx(path: Path, ndim: int) -> Tensor:
     shape = struct.unpack(f">{ndim}I", data[4:header])
     expected = int(np.prod(shape))
     if len(data) - header != expected:
-        raise DataError(
-            f"{path} holds {len(data) - header} data bytes but its header {shape} needs "
-            f"{expected}; {fix}"
-        )
+        raise DataError(f"{path} holds {len(data) - header} data bytes but its header {shape} needs {expected}; {fix}")
     # copy(): frombuffer over immutable bytes gives a read-only array torch cannot own.
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy())
 
@@ -255,16 +252,14 @@ def _is_image(name: str) -> bool:
 
 def _walk_images(folder: Path) -> list[str]:
     """All image files under ``folder`` (recursively, following links), sorted."""
-    found = []
+    found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
     return found
 
 
-def scan_image_folder(
-    root: str | Path, what: str = "root"
-) -> tuple[list[str], list[int] | None, list[str] | None]:
+def scan_image_folder(root: str | Path, what: str = "root") -> tuple[list[str], list[int] | None, list[str] | None]:
     """Discover the images of a folder and their labels.
 
     Layouts:
@@ -398,7 +393,8 @@ class ImageFolderDataset(ImageDataset):
             self._warned = True
             logger.warning(
                 "skipping unreadable image %s (on_error='skip'; further failures are counted "
-                "silently in dataset.num_skipped)", self.path(new[0])
+                "silently in dataset.num_skipped)",
+                self.path(new[0]),
             )
 
     def load(self, index: int) -> Tensor:
@@ -407,6 +403,7 @@ class ImageFolderDataset(ImageDataset):
         Raises PIL/OS errors for unreadable files.
         """
         size = self.image_size
+        img: Image.Image  # Image.open gives an ImageFile; convert, crop and resize give plain Images
         with Image.open(self.path(index)) as img:
             # draft lets JPEG decode at a reduced scale (still >= size): big photos decode
             # several times faster.
@@ -423,7 +420,8 @@ class ImageFolderDataset(ImageDataset):
             # (matches resize_images for the in-memory datasets).
             img = img.crop((left, top, left + side, top + side))
             if side != size:
-                img = img.resize((size, size), Image.BILINEAR)
+                # Image.Resampling needs Pillow >= 9.1 (we support 9.0); its stubs omit the constant.
+                img = img.resize((size, size), Image.BILINEAR)  # type: ignore[attr-defined]
             array = np.asarray(img, dtype=np.uint8)
         if array.ndim == 2:
             return torch.from_numpy(array.copy()).unsqueeze(0)
@@ -455,8 +453,13 @@ class ImageFolderDataset(ImageDataset):
         idx = torch.as_tensor(indices, dtype=torch.int64)
         labels = None if self.labels is None else self.labels[idx]
         return ImageFolderDataset(
-            self._paths[idx.numpy()].tolist(), labels, self.image_size, self.mode,
-            self.on_error, self.num_classes, self.class_names,
+            self._paths[idx.numpy()].tolist(),
+            labels,
+            self.image_size,
+            self.mode,
+            self.on_error,
+            self.num_classes,
+            self.class_names,
         )
 
 
@@ -514,8 +517,7 @@ def build_image_folder(
     """
     if image_size is None:
         raise DataError(
-            "image-folder needs image_size=<int> (default 64): images of different sizes must "
-            "be resized to be batched"
+            "image-folder needs image_size=<int> (default 64): images of different sizes must be resized to be batched"
         )
     check_positive("image_size", image_size)
     check_positive("limit", limit)
@@ -534,9 +536,7 @@ def build_image_folder(
         num = None if classes is None else len(classes)
         return ImageFolderDataset(paths, labels, image_size, mode, on_error, num, classes)
 
-    def split(
-        paths: list[str], labels: list[int], classes: list[str]
-    ) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+    def split(paths: list[str], labels: list[int], classes: list[str]) -> tuple[ImageFolderDataset, ImageFolderDataset]:
         """Seeded stratified train/test split of one labelled folder."""
         full = make(paths, torch.tensor(labels, dtype=torch.int64), classes)
         assert full.labels is not None
@@ -754,9 +754,7 @@ def _images_from_array(arr: np.ndarray, key: str, path: str, layout: str | None)
         if arr.shape[1] not in (1, 3):
             raise DataError(f"{where}: {arr.shape[1]} channels in layout {layout}; expected 1 or 3")
     else:
-        raise DataError(
-            f"{where} has shape {arr.shape}; expected (N, H, W), (N, H, W, C) or (N, C, H, W)"
-        )
+        raise DataError(f"{where} has shape {arr.shape}; expected (N, H, W), (N, H, W, C) or (N, C, H, W)")
     if arr.dtype == np.uint8:
         out = arr
     elif arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
@@ -843,9 +841,7 @@ def build_npz(
         raise DataError(f"{path!r} has a labelled test set but no 'y_train' for the training images")
 
     images = {
-        k: _images_from_array(arrays[k], k, path, layout)
-        for k in ("x_train", "x_test", "x_unlabeled")
-        if k in arrays
+        k: _images_from_array(arrays[k], k, path, layout) for k in ("x_train", "x_test", "x_unlabeled") if k in arrays
     }
     channels = {k: v.shape[1] for k, v in images.items()}
     if len(set(channels.values())) > 1:

@@ -12,7 +12,7 @@ index per batch; file-backed datasets go through a ``DataLoader`` whose workers 
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -92,9 +92,7 @@ class EpochBatchSampler:
         """Yield this rank's ``(batch_size,)`` int64 index batches of ``epoch``, starting at
         batch ``start_batch`` (the number of batches already done, for exact resume)."""
         if not 0 <= start_batch <= self.steps_per_epoch:
-            raise DataError(
-                f"start_batch={start_batch} outside 0..{self.steps_per_epoch} (steps_per_epoch)"
-            )
+            raise DataError(f"start_batch={start_batch} outside 0..{self.steps_per_epoch} (steps_per_epoch)")
         return self._batches(epoch, start_batch)
 
     def _batches(self, epoch: int, start_batch: int) -> Iterator[Tensor]:
@@ -230,9 +228,6 @@ def iterate_eval(
     _check_loader_args(num_workers, prefetch)
     n = len(dataset)
     if isinstance(dataset, TensorImageDataset):
-        return (
-            dataset.get_batch(torch.arange(start, min(start + batch_size, n)))
-            for start in range(0, n, batch_size)
-        )
+        return (dataset.get_batch(torch.arange(start, min(start + batch_size, n))) for start in range(0, n, batch_size))
     batch_lists = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
     return _loader_batches(dataset, batch_lists, num_workers, prefetch, 0, False)

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import inspect
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from selfsup.config import Config, ConfigError, check_options
-from selfsup.data import DataSplits
-from selfsup.methods.base import Method
+from selfsup.data import DataSplits, ImageDataset
+from selfsup.methods.base import ENGINE_FACTS, Method
 from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEW_RECIPES, RegistryError
 
 # Keyword arguments the engine fills in itself; users cannot set them in a config.
 BACKBONE_RESERVED = ("in_channels", "image_size")
-METHOD_RESERVED = ("backbone", "num_samples", "image_size", "in_channels", "batch_size", "num_classes",
-                   "num_global_crops")
+METHOD_RESERVED = ("backbone", *ENGINE_FACTS)
 VIEWS_RESERVED = ("image_size", "in_channels", "mean", "std")
 
 
@@ -33,22 +34,24 @@ def _factory(registry: Any, name: Any, section: str) -> Any:
 def validate_components(cfg: Config) -> None:
     """Checks every component section against its factory's signature (raises ConfigError)."""
     check_options(_factory(DATASETS, cfg.data["name"], "data"), cfg.options("data"), "data")
-    check_options(_factory(BACKBONES, cfg.backbone["name"], "backbone"), cfg.options("backbone"),
-                  "backbone", BACKBONE_RESERVED)
+    check_options(
+        _factory(BACKBONES, cfg.backbone["name"], "backbone"), cfg.options("backbone"), "backbone", BACKBONE_RESERVED
+    )
     method_cls = _factory(METHODS, cfg.method["name"], "method")
     check_options(method_cls, cfg.options("method"), "method", METHOD_RESERVED)
-    check_options(_factory(VIEW_RECIPES, view_recipe_name(cfg), "views"), cfg.options("views"),
-                  "views", VIEWS_RESERVED)
+    check_options(_factory(VIEW_RECIPES, view_recipe_name(cfg), "views"), cfg.options("views"), "views", VIEWS_RESERVED)
     if cfg.train.batch_size % cfg.train.accum_steps:
-        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by "
-                          f"train.accum_steps ({cfg.train.accum_steps})")
+        raise ConfigError(
+            f"train.batch_size ({cfg.train.batch_size}) must be divisible by "
+            f"train.accum_steps ({cfg.train.accum_steps})"
+        )
 
 
 def view_recipe_name(cfg: Config) -> str:
     name = cfg.views.get("name")
     if name:
         return name
-    return METHODS.get(cfg.method["name"]).view_recipe
+    return str(METHODS.get(cfg.method["name"]).view_recipe)  # type: ignore[attr-defined]
 
 
 def build_data(cfg: Config) -> DataSplits:
@@ -62,29 +65,105 @@ def build_backbone(cfg: Config, splits: DataSplits) -> nn.Module:
     return factory(in_channels=splits.in_channels, image_size=splits.image_size, **options)
 
 
-def build_method(cfg: Config, splits: DataSplits, backbone: nn.Module | None = None,
-                 train_views: nn.Module | None = None) -> Method:
-    """The method around a fresh backbone; engine-known facts (dataset size, image size,
-    batch size, the training view recipe's number of global crops) are passed to the
-    constructor when it declares a parameter of that name. ``train_views``: the already built
-    training recipe, if the caller has one (else it is built when needed)."""
+def provided_fields(dataset: ImageDataset) -> frozenset[str]:
+    """The optional ``Batch`` fields a data set can fill: ``"label"`` when every sample has a
+    known label, plus whatever the data set declares in ``batch_fields`` (text, masks)."""
+    fields = set(getattr(dataset, "batch_fields", ()))
+    labels = dataset.labels
+    if labels is not None and len(labels) and bool((labels >= 0).all()):
+        fields.add("label")
+    return frozenset(fields)
+
+
+def check_batch_fields(method_cls: type[Method], dataset: ImageDataset, where: str) -> None:
+    """ConfigError unless ``dataset`` gives every optional field the method declared."""
+    missing = sorted(set(method_cls.batch_fields) - provided_fields(dataset))
+    if missing:
+        raise ConfigError(
+            f"method {method_cls.__name__} needs batch field(s) {', '.join(missing)}, which the "
+            f"{where} does not provide" + (" (every sample needs a label)" if "label" in missing else "")
+        )
+
+
+def load_frozen_backbone(spec: Any, option: str) -> nn.Module:
+    """The frozen backbone of an earlier run, for a method's ``frozen_models`` option.
+
+    ``spec``: a run folder, ``{"run": <run folder>}``, or a ``backbone.safetensors`` file.
+    The architecture is rebuilt from the file's metadata (backbone options, input channels,
+    image size) and the weights loaded strictly with safetensors (no code runs on load); the
+    module comes back in eval mode with ``requires_grad=False``.
+    """
+    if isinstance(spec, Mapping):
+        if set(spec) != {"run"}:
+            raise ConfigError(f"method.{option}: expected {{run: runs/<name>}}, got {dict(spec)!r}")
+        spec = spec["run"]
+    if not isinstance(spec, (str, Path)):
+        raise ConfigError(f"method.{option}: expected a run folder or a backbone.safetensors file, got {spec!r}")
+    path = Path(spec)
+    file = path / "backbone.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(
+            f"method.{option}: no trained backbone at {str(file)!r}; give the folder of a finished "
+            "run (it holds backbone.safetensors)"
+        )
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(file), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    try:
+        backbone_cfg = json.loads(meta["backbone"])
+        in_channels, image_size = int(meta["in_channels"]), int(meta["image_size"])
+    except (KeyError, ValueError) as err:
+        raise ConfigError(
+            f"method.{option}: {file} lacks the metadata to rebuild its architecture ({err}); "
+            "re-export it with this version of selfsup"
+        ) from None
+    factory = _factory(BACKBONES, backbone_cfg.get("name"), f"method.{option} backbone")
+    options = {k: v for k, v in backbone_cfg.items() if k != "name"}
+    module = factory(in_channels=in_channels, image_size=image_size, **options)
+    try:
+        module.load_state_dict(load_file(str(file)), strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise ConfigError(
+            f"method.{option}: the weights in {file} do not fit a {backbone_cfg} backbone: "
+            f"{first[1].strip() if len(first) > 1 else first[0]}"
+        ) from None
+    return module.requires_grad_(False).eval()
+
+
+def build_method(
+    cfg: Config, splits: DataSplits, backbone: nn.Module | None = None, train_views: nn.Module | None = None
+) -> Method:
+    """The method around a fresh backbone. The run facts the method declares in
+    ``engine_facts`` are passed to its constructor, and each of its ``frozen_models`` options
+    is replaced by the loaded, frozen backbone of the run it names. ``train_views``: the
+    already built training recipe, if the caller has one (else it is built when needed)."""
     method_cls = _factory(METHODS, cfg.method["name"], "method")
     options = check_options(method_cls, cfg.options("method"), "method", METHOD_RESERVED)
-    known = {
-        "backbone": backbone if backbone is not None else build_backbone(cfg, splits),
-        "num_samples": len(splits.pretrain),
-        "image_size": splits.image_size,
-        "in_channels": splits.in_channels,
-        "batch_size": cfg.train.batch_size,
-        "num_classes": splits.num_classes,
+    unknown = sorted(set(method_cls.engine_facts) - set(ENGINE_FACTS))
+    if unknown:
+        raise TypeError(f"{method_cls.__name__}.engine_facts names unknown facts {unknown}; known: {ENGINE_FACTS}")
+    backbone = backbone if backbone is not None else build_backbone(cfg, splits)
+    if getattr(method_cls, "requires_token_backbone", False) and not hasattr(backbone, "forward_tokens"):
+        raise ConfigError(
+            f"method {cfg.method['name']!r} masks patch tokens and needs a ViT backbone "
+            f"(backbone.name=vit_tiny|vit_small|vit_base), not {cfg.backbone['name']!r}"
+        )
+    facts = {
+        "num_samples": lambda: len(splits.pretrain),
+        "image_size": lambda: splits.image_size,
+        "in_channels": lambda: splits.in_channels,
+        "batch_size": lambda: cfg.train.batch_size,
+        "num_classes": lambda: splits.num_classes,
+        # SwAV / DINO: the teacher's views are the recipe's global crops.
+        "num_global_crops": lambda: (train_views or build_views(cfg, splits)).num_global_views,
     }
-    if getattr(method_cls, "requires_token_backbone", False) and not hasattr(known["backbone"], "forward_tokens"):
-        raise ConfigError(f"method {cfg.method['name']!r} masks patch tokens and needs a ViT backbone "
-                          f"(backbone.name=vit_tiny|vit_small|vit_base), not {cfg.backbone['name']!r}")
-    accepted = inspect.signature(method_cls).parameters
-    if "num_global_crops" in accepted:  # SwAV / DINO: the teacher's views are the recipe's global crops
-        known["num_global_crops"] = (train_views or build_views(cfg, splits)).num_global_views
-    method = method_cls(**{k: v for k, v in known.items() if k in accepted}, **options)
+    for name in method_cls.frozen_models:
+        if name in options:
+            options[name] = load_frozen_backbone(options[name], name)
+    method = method_cls(backbone=backbone, **{name: facts[name]() for name in method_cls.engine_facts}, **options)
     if not isinstance(method, Method):
         raise ConfigError(f"method {cfg.method['name']!r} did not build a selfsup Method")
     return method
@@ -96,8 +175,9 @@ def build_views(cfg: Config, splits: DataSplits, name: str | None = None, **over
     factory = _factory(VIEW_RECIPES, name, "views")
     options = override if name != view_recipe_name(cfg) else {**cfg.options("views"), **override}
     options = check_options(factory, options, "views", VIEWS_RESERVED)
-    return factory(image_size=splits.image_size, in_channels=splits.in_channels,
-                   mean=splits.mean, std=splits.std, **options)
+    return factory(
+        image_size=splits.image_size, in_channels=splits.in_channels, mean=splits.mean, std=splits.std, **options
+    )
 
 
 @dataclass
@@ -111,6 +191,9 @@ class Components:
 def build_components(cfg: Config, device: torch.device) -> Components:
     validate_components(cfg)
     splits = build_data(cfg)
+    check_batch_fields(
+        _factory(METHODS, cfg.method["name"], "method"), splits.pretrain, f"pretraining split of {splits.name!r}"
+    )
     train_views = build_views(cfg, splits)  # draws no random numbers: initialisation below is unchanged
     torch.manual_seed(cfg.train.seed)  # model initialisation is part of the seeded run
     method = build_method(cfg, splits, train_views=train_views).to(device)

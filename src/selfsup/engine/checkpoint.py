@@ -61,5 +61,5 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         # weights_only=False: the payload holds RNG states and the config, written by us.
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to a user
+    except Exception as err:
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {err}") from err

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from selfsup.methods.base import Method
-from selfsup.nn.distributed import all_reduce_sum, is_dist, world_size
+from selfsup.nn.distributed import is_dist
 
 
 @dataclass
@@ -87,8 +87,10 @@ def setup(device: str = "auto") -> DistState:
     use_cuda = device != "cpu" and torch.cuda.is_available()
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} "
-                               "GPU(s): start at most one process per GPU (--nproc / --nproc_per_node)")
+            raise RuntimeError(
+                f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} "
+                "GPU(s): start at most one process per GPU (--nproc / --nproc_per_node)"
+            )
         target = torch.device("cuda", local_rank)
         # Before any CUDA work, so NCCL and every default-device allocation use this GPU.
         torch.cuda.set_device(target)
@@ -120,105 +122,22 @@ def wrap(method: Method, state: DistState) -> nn.Module:
     if state.world_size <= 1:
         return method
     device_ids = [state.device.index] if state.device is not None and state.device.type == "cuda" else None
-    # No buffer sync before each forward (DDP's default copies rank 0's buffers every step). Queues, centres and banks are identical by construction (every process applies
-    # the same update to gathered values), and a MoCo queue of 65536 keys would cost a large
+    # No buffer sync before each forward (DDP's default copies rank 0's buffers every step).
+    # Queues, centres and banks are identical by construction (every process applies the same
+    # update to gathered values), and a MoCo queue of 65536 keys would cost a large
     # broadcast per step. BN running statistics (not used by training-mode forwards) are
     # averaged instead at checkpoints and before evaluation (`average_batchnorm_stats`).
     ddp = nn.parallel.DistributedDataParallel
     # Newer torch renamed the switch (it still syncs buffers once at construction, which
     # is harmless: every process built identical buffers from the same seed).
-    no_buffer_sync = ({"forward_sync_buffers": False}
-                      if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
-                      else {"broadcast_buffers": False})
-    return ddp(method, device_ids=device_ids, find_unused_parameters=bool(method.find_unused_parameters),
-               **no_buffer_sync)
-
-
-# ---------------------------------------------------------------------------- BatchNorm
-class GlobalBatchNorm(_BatchNorm):
-    """BatchNorm whose training-mode statistics cover the batches of every process.
-
-    The device-agnostic counterpart of ``torch.nn.SyncBatchNorm``, which refuses CPU
-    tensors: it makes ``train.sync_batchnorm`` work with gloo on CPU. Per channel, the
-    mean is ``sum_r sum(x_r) / N`` and the variance ``sum_r sum((x_r - mean)^2) / N`` over the
-    ``N`` values of all processes (two all-reduces; the two-pass variance avoids the
-    cancellation of ``E[x^2] - E[x]^2`` in float32). Both all-reduces are differentiable with
-    the gradient convention of ``selfsup.nn.distributed`` (each process receives the gradient
-    of the sum of all processes' losses), the same convention as ``torch.nn.SyncBatchNorm``,
-    so after DDP's averaging the gradients equal one process's BatchNorm over the global batch.
-    Running statistics follow ``F.batch_norm`` (unbiased running variance). In eval mode, or
-    without a process group, it is plain BatchNorm. Any input with channels on dim 1 works
-    (``(B, C)``, ``(B, C, L)``, ``(B, C, H, W)``, ...); the state dict keys are those of
-    ``nn.BatchNorm*d``, so checkpoints move freely between the two.
-
-    References: Ioffe & Szegedy 2015, "Batch Normalization", arXiv:1502.03167; Zhang et al.
-    2018, "Context Encoding for Semantic Segmentation" (cross-GPU BatchNorm), arXiv:1803.08904.
-    """
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        if not (self.training and world_size() > 1):
-            return super().forward(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average, as nn.BatchNorm
-                factor = 1.0 / float(self.num_batches_tracked)
-        x = input.float()  # statistics in float32 even under autocast
-        dims = [0, *range(2, x.dim())]
-        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
-        local_count = x.new_tensor([x.numel() / x.shape[1]])
-        sums = all_reduce_sum(torch.cat([x.sum(dims), local_count]))
-        count = sums[-1]
-        mean = sums[:-1] / count
-        centered = x - mean.view(shape)
-        var = all_reduce_sum(centered.square().sum(dims)) / count
-        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
-            with torch.no_grad():
-                unbiased = var * (count / (count - 1).clamp(min=1))
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
-        out = centered * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out.to(input.dtype)
-
-
-def _to_global_bn(module: nn.Module) -> nn.Module:
-    """``module`` with every BatchNorm replaced by a :class:`GlobalBatchNorm` sharing its
-    parameters and buffers (the same tensors: an optimiser built before or after sees them)."""
-    out = module
-    if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
-        if module.affine:
-            out.weight, out.bias = module.weight, module.bias
-        out.running_mean, out.running_var = module.running_mean, module.running_var
-        out.num_batches_tracked = module.num_batches_tracked
-        out.train(module.training)
-    for name, child in module.named_children():
-        out.add_module(name, _to_global_bn(child))
-    return out
-
-
-def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm in ``module`` computes its statistics over all processes' batches.
-
-    On CUDA this is ``torch.nn.SyncBatchNorm`` (fused kernels); elsewhere (gloo on CPU) it is
-    :class:`GlobalBatchNorm`. Either way the BN parameters and buffers are the same tensor
-    objects as before, so call it before building the optimiser and before DDP wrapping
-    (DDP registers the parameters it sees at construction).
-
-    References: Zhang et al. 2018, arXiv:1803.08904; Chen et al. 2020 (SimCLR, "global BN"),
-    arXiv:2002.05709.
-    """
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return _to_global_bn(module)
+    no_buffer_sync: dict[str, Any] = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+        else {"broadcast_buffers": False}
+    )
+    return ddp(
+        method, device_ids=device_ids, find_unused_parameters=bool(method.find_unused_parameters), **no_buffer_sync
+    )
 
 
 @torch.no_grad()
@@ -236,8 +155,13 @@ def average_batchnorm_stats(module: nn.Module, state: DistState) -> None:
     """
     if state.world_size <= 1:
         return
-    buffers = [t for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
-               for t in (m.running_mean, m.running_var) if t is not None]
+    buffers = [
+        t
+        for m in module.modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats
+        for t in (m.running_mean, m.running_var)
+        if t is not None
+    ]
     by_dtype: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for t in buffers:
         by_dtype.setdefault((t.dtype, t.device), []).append(t)

@@ -52,9 +52,17 @@ def shard(n: int, rank: int, world_size: int) -> range:
     return range(rank * n // world_size, (rank + 1) * n // world_size)
 
 
-def encode(encoder: Callable[[Tensor], Tensor], dataset: ImageDataset, eval_views: nn.Module,
-           device: torch.device, batch_size: int = 512, limit: int | None = None,
-           precision: str = "fp32", num_workers: int = 0, gather: bool = False) -> tuple[Tensor, Tensor]:
+def encode(
+    encoder: Callable[[Tensor], Tensor],
+    dataset: ImageDataset,
+    eval_views: nn.Module,
+    device: torch.device,
+    batch_size: int = 512,
+    limit: int | None = None,
+    precision: str = "fp32",
+    num_workers: int = 0,
+    gather: bool = False,
+) -> tuple[Tensor, Tensor]:
     """Features ``(N, D)`` float32 and labels ``(N,)`` of (the first ``limit`` of) a split.
 
     With ``gather`` and several processes, each process encodes only its contiguous shard
@@ -72,27 +80,58 @@ def encode(encoder: Callable[[Tensor], Tensor], dataset: ImageDataset, eval_view
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     with autocast:
         features, labels = extract_features(
-            encoder, _limited(iterate_eval(dataset, batch_size, num_workers), limit),
-            preprocess=preprocess, device=device, gather=gather)
+            encoder,
+            _limited(iterate_eval(dataset, batch_size, num_workers), limit),
+            preprocess=preprocess,
+            device=device,
+            gather=gather,
+        )
     return features.float(), labels
 
 
-def evaluate_features(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], num_classes: int,
-                      cfg: EvalConfig, linear: bool | None = None, seed: int = 0) -> dict[str, float]:
+def evaluate_features(
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    num_classes: int,
+    cfg: EvalConfig,
+    linear: bool | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
     """kNN at every ``cfg.knn_k``, (optionally) a linear probe and the collapse monitors of the
     test features, as one flat metric dict (the probe's chosen weight decay and validation
     score are left out)."""
-    metrics = eval_features(train[0], train[1], test[0], test[1], num_classes=num_classes, knn_k=cfg.knn_k,
-                            knn_temperature=cfg.knn_temperature, linear=cfg.linear if linear is None else linear,
-                            linear_epochs=cfg.linear_epochs, collapse_monitors=True, seed=seed)
+    metrics = eval_features(
+        train[0],
+        train[1],
+        test[0],
+        test[1],
+        num_classes=num_classes,
+        knn_k=cfg.knn_k,
+        knn_temperature=cfg.knn_temperature,
+        linear=cfg.linear if linear is None else linear,
+        linear_epochs=cfg.linear_epochs,
+        collapse_monitors=True,
+        seed=seed,
+    )
     keep = ("knn_", "linear_top", *MONITOR_COLUMNS)
     return {k: v for k, v in metrics.items() if k.startswith(keep)}
 
 
-def evaluate_encoder(encoder: Callable[[Tensor], Tensor], module: nn.Module, train_set: ImageDataset,
-                     test_set: ImageDataset, num_classes: int, eval_views: nn.Module, cfg: EvalConfig,
-                     device: torch.device, precision: str = "fp32", limit: int | None = None,
-                     linear: bool | None = None, seed: int = 0, gather: bool = False) -> dict[str, float]:
+def evaluate_encoder(
+    encoder: Callable[[Tensor], Tensor],
+    module: nn.Module,
+    train_set: ImageDataset,
+    test_set: ImageDataset,
+    num_classes: int,
+    eval_views: nn.Module,
+    cfg: EvalConfig,
+    device: torch.device,
+    precision: str = "fp32",
+    limit: int | None = None,
+    linear: bool | None = None,
+    seed: int = 0,
+    gather: bool = False,
+) -> dict[str, float]:
     """Extracts train and test features with ``encoder`` (``module`` in eval mode) and scores them."""
     with eval_mode(module):
         train = encode(encoder, train_set, eval_views, device, cfg.batch_size, limit, precision, gather=gather)
@@ -100,8 +139,14 @@ def evaluate_encoder(encoder: Callable[[Tensor], Tensor], module: nn.Module, tra
     return evaluate_features(train, test, num_classes, cfg, linear, seed)
 
 
-def raw_pixel_metrics(train_set: ImageDataset, test_set: ImageDataset, num_classes: int,
-                      eval_views: nn.Module, cfg: EvalConfig, device: torch.device) -> dict[str, float]:
+def raw_pixel_metrics(
+    train_set: ImageDataset,
+    test_set: ImageDataset,
+    num_classes: int,
+    eval_views: nn.Module,
+    cfg: EvalConfig,
+    device: torch.device,
+) -> dict[str, float]:
     """The raw-pixel baseline: normalised pixels, flattened, as features."""
     flatten = nn.Flatten()
     return evaluate_encoder(flatten, flatten, train_set, test_set, num_classes, eval_views, cfg, device)

@@ -37,8 +37,7 @@ def under_launcher() -> bool:
 def torchrun_args(nproc: int, target: str, overrides: Sequence[str], command: str = "pretrain") -> list[str]:
     """The ``torchrun`` command line (without the program name) that runs ``selfsup COMMAND
     TARGET OVERRIDES`` in ``nproc`` processes on this machine."""
-    return ["--standalone", f"--nproc-per-node={nproc}", "--module", "selfsup.cli", command, target,
-            *overrides]
+    return ["--standalone", f"--nproc-per-node={nproc}", "--module", "selfsup.cli", command, target, *overrides]
 
 
 def launch_local(nproc: int, config: str, overrides: Sequence[str], command: str = "pretrain") -> int:
@@ -65,8 +64,10 @@ def launch_local(nproc: int, config: str, overrides: Sequence[str], command: str
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     if under_launcher():
-        raise RuntimeError("already running under torchrun (WORLD_SIZE is set): drop --nproc, "
-                           "torchrun's --nproc_per_node decides the process count")
+        raise RuntimeError(
+            "already running under torchrun (WORLD_SIZE is set): drop --nproc, "
+            "torchrun's --nproc_per_node decides the process count"
+        )
     args = parse_args(torchrun_args(nproc, config, overrides, command))
     # What torchrun's `run` does for --standalone: a private c10d rendezvous on a free port.
     args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())

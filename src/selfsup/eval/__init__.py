@@ -16,7 +16,7 @@ from selfsup.eval.linear import (
     linear_probe_encoder,
     train_linear_head,
 )
-from selfsup.eval.monitors import effective_rank, feature_std
+from selfsup.monitors import effective_rank, feature_std
 
 __all__ = [
     "balanced_label_subset",

@@ -13,7 +13,7 @@ from selfsup.eval.clustering import clustering_metrics
 from selfsup.eval.features import extract_features
 from selfsup.eval.knn import knn_classify
 from selfsup.eval.linear import DEFAULT_WEIGHT_DECAYS, linear_probe
-from selfsup.eval.monitors import effective_rank, feature_std
+from selfsup.monitors import effective_rank, feature_std
 
 __all__ = ["evaluate_features", "raw_pixel_features"]
 
@@ -45,9 +45,7 @@ def raw_pixel_features(
     Returns:
         ``features`` ``(N, C*H*W)`` float32 and ``labels`` ``(N,)`` int64, on CPU.
     """
-    return extract_features(
-        _flatten, batches, preprocess=preprocess if preprocess is not None else _to_unit_float
-    )
+    return extract_features(_flatten, batches, preprocess=preprocess if preprocess is not None else _to_unit_float)
 
 
 def evaluate_features(
@@ -80,7 +78,7 @@ def evaluate_features(
         clustering: run :func:`~selfsup.eval.clustering.clustering_metrics` on the test
             features with ``num_classes`` clusters.
         collapse_monitors: add ``feature_std`` and ``effective_rank`` of the test features
-            (:mod:`selfsup.eval.monitors`: ~1/sqrt(D) and up to D when spread, 0 and 1 when
+            (:mod:`selfsup.monitors`: ~1/sqrt(D) and up to D when spread, 0 and 1 when
             collapsed).
         seed: seeds the linear probe's validation split and k-means.
 
@@ -95,19 +93,33 @@ def evaluate_features(
     usable = [k for k in ks if k <= train_features.shape[0]]
     if len(usable) < len(ks):
         warnings.warn(
-            f"dropping kNN k > {train_features.shape[0]} training samples: "
-            f"{sorted(set(ks) - set(usable))}",
+            f"dropping kNN k > {train_features.shape[0]} training samples: {sorted(set(ks) - set(usable))}",
             stacklevel=2,
         )
     metrics: dict[str, float] = {}
     if usable:
-        metrics.update(knn_classify(train_features, train_labels, test_features, test_labels,
-                                    k=usable, temperature=knn_temperature,
-                                    num_classes=num_classes))
+        metrics.update(
+            knn_classify(
+                train_features,
+                train_labels,
+                test_features,
+                test_labels,
+                k=usable,
+                temperature=knn_temperature,
+                num_classes=num_classes,
+            )
+        )
     if linear:
-        result = linear_probe(train_features, train_labels, test_features, test_labels,
-                              num_classes=num_classes, epochs=linear_epochs,
-                              weight_decay=linear_weight_decay, seed=seed)
+        result = linear_probe(
+            train_features,
+            train_labels,
+            test_features,
+            test_labels,
+            num_classes=num_classes,
+            epochs=linear_epochs,
+            weight_decay=linear_weight_decay,
+            seed=seed,
+        )
         assert isinstance(result, dict)
         metrics.update(result)
     if clustering:

@@ -29,10 +29,10 @@ def _owning_module(encoder: Callable[[Tensor], Tensor] | nn.Module) -> nn.Module
 def _infer_device(module: nn.Module | None) -> torch.device:
     """Return the device of a module's first parameter or buffer, else CPU."""
     if module is not None:
-        for tensor in module.parameters():
-            return tensor.device
-        for tensor in module.buffers():
-            return tensor.device
+        for param in module.parameters():
+            return param.device
+        for buffer in module.buffers():
+            return buffer.device
     return torch.device("cpu")
 
 
@@ -40,10 +40,7 @@ def _unpack(batch: Any) -> tuple[Tensor, Tensor]:
     """Return ``(images, labels)`` from a ``(images, labels, ...)`` batch."""
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], torch.as_tensor(batch[1])
-    raise TypeError(
-        "each batch must be a tuple or list (images, labels, ...); "
-        f"got {type(batch).__name__}"
-    )
+    raise TypeError(f"each batch must be a tuple or list (images, labels, ...); got {type(batch).__name__}")
 
 
 def _all_gather_uneven(tensor: Tensor) -> Tensor:
@@ -126,14 +123,9 @@ def extract_features(
                     images = preprocess(images)
                 out = encoder(images)
                 if not isinstance(out, Tensor):
-                    raise TypeError(
-                        f"encoder must return a Tensor, got {type(out).__name__}"
-                    )
+                    raise TypeError(f"encoder must return a Tensor, got {type(out).__name__}")
                 if out.shape[0] != labels.reshape(-1).shape[0]:
-                    raise ValueError(
-                        f"encoder returned {out.shape[0]} rows for "
-                        f"{labels.reshape(-1).shape[0]} labels"
-                    )
+                    raise ValueError(f"encoder returned {out.shape[0]} rows for {labels.reshape(-1).shape[0]} labels")
                 # Accumulate on CPU so device memory stays bounded by one batch.
                 feature_chunks.append(out.reshape(out.shape[0], -1).float().cpu())
                 label_chunks.append(labels.reshape(-1).to(torch.int64).cpu())

@@ -36,13 +36,9 @@ def _check_inputs(
     if train_features.dim() != 2 or test_features.dim() != 2:
         raise ValueError("train_features and test_features must be (N, D) and (M, D)")
     if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(
-            f"feature dims differ: {train_features.shape[1]} vs {test_features.shape[1]}"
-        )
+        raise ValueError(f"feature dims differ: {train_features.shape[1]} vs {test_features.shape[1]}")
     if train_labels.shape != (train_features.shape[0],):
-        raise ValueError(
-            f"train_labels must be ({train_features.shape[0]},), got {tuple(train_labels.shape)}"
-        )
+        raise ValueError(f"train_labels must be ({train_features.shape[0]},), got {tuple(train_labels.shape)}")
     if ks[-1] > train_features.shape[0]:
         raise ValueError(f"k={ks[-1]} exceeds the {train_features.shape[0]} training samples")
     if temperature <= 0:
@@ -161,9 +157,7 @@ def knn_classify(
     ks = _as_ks(k)
     _check_inputs(train_features, train_labels, test_features, ks, temperature, chunk_size)
     if test_labels.shape != (test_features.shape[0],):
-        raise ValueError(
-            f"test_labels must be ({test_features.shape[0]},), got {tuple(test_labels.shape)}"
-        )
+        raise ValueError(f"test_labels must be ({test_features.shape[0]},), got {tuple(test_labels.shape)}")
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     targets = test_labels.to(device=train_features.device, dtype=torch.int64)

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.eval.features import extract_features
@@ -77,8 +76,7 @@ class LinearProbe(nn.Module):
         """
         weight = self.linear.weight.detach() / self.std
         bias = self.linear.bias.detach() - weight @ self.mean
-        out = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device,
-                        dtype=weight.dtype)
+        out = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             out.weight.copy_(weight)
             out.bias.copy_(bias)
@@ -90,9 +88,7 @@ def _check_xy(features: Tensor, labels: Tensor, name: str) -> None:
     if features.dim() != 2:
         raise ValueError(f"{name}_features must be (N, D), got {tuple(features.shape)}")
     if labels.shape != (features.shape[0],):
-        raise ValueError(
-            f"{name}_labels must be ({features.shape[0]},), got {tuple(labels.shape)}"
-        )
+        raise ValueError(f"{name}_labels must be ({features.shape[0]},), got {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"{name}_labels must be integers, got {labels.dtype}")
     if labels.numel() and int(labels.min()) < 0:
@@ -116,12 +112,19 @@ def _fit_lbfgs(
     """
     linear = probe.linear
     n = x.shape[0]
-    blocks = [(0, n)] if batch_size is None or batch_size >= n else [
-        (s, min(s + batch_size, n)) for s in range(0, n, batch_size)
-    ]
+    blocks = (
+        [(0, n)]
+        if batch_size is None or batch_size >= n
+        else [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    )
     optimizer = torch.optim.LBFGS(
-        linear.parameters(), lr=lr, max_iter=max_iter, history_size=20,
-        tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe",
+        linear.parameters(),
+        lr=lr,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
+        line_search_fn="strong_wolfe",
     )
 
     weight, bias = linear.weight, linear.bias
@@ -216,14 +219,15 @@ def train_linear_head(
 
 
 @torch.no_grad()
-def _accuracies(probe: LinearProbe, features: Tensor, labels: Tensor, prefix: str,
-                num_classes: int) -> dict[str, float]:
+def _accuracies(
+    probe: LinearProbe, features: Tensor, labels: Tensor, prefix: str, num_classes: int
+) -> dict[str, float]:
     """Return ``{prefix_top1, prefix_top5 (if C >= 5)}`` as fractions in ``[0, 1]``."""
     device = probe.mean.device
     hits1, hits5 = 0, 0
     for start in range(0, features.shape[0], _EVAL_CHUNK):
-        x = features[start:start + _EVAL_CHUNK].to(device=device, dtype=probe.mean.dtype)
-        y = labels[start:start + _EVAL_CHUNK].to(device=device, dtype=torch.int64)[:, None]
+        x = features[start : start + _EVAL_CHUNK].to(device=device, dtype=probe.mean.dtype)
+        y = labels[start : start + _EVAL_CHUNK].to(device=device, dtype=torch.int64)[:, None]
         logits = probe(x)
         hits1 += int((logits.argmax(dim=1, keepdim=True) == y).sum())
         if num_classes >= 5:
@@ -283,15 +287,14 @@ def linear_probe(
         raise ValueError("train and test features have different dimensions")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    grid = [float(weight_decay)] if isinstance(weight_decay, (int, float)) else [
-        float(w) for w in weight_decay
-    ]
+    grid = [float(weight_decay)] if isinstance(weight_decay, (int, float)) else [float(w) for w in weight_decay]
     if not grid:
         raise ValueError("weight_decay grid is empty")
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    fit_kw: dict[str, Any] = dict(num_classes=num_classes, epochs=epochs,
-                                  batch_size=batch_size, lr=lr, standardize=standardize)
+    fit_kw: dict[str, Any] = dict(
+        num_classes=num_classes, epochs=epochs, batch_size=batch_size, lr=lr, standardize=standardize
+    )
 
     n = train_features.shape[0]
     n_val = int(round(val_fraction * n))
@@ -315,8 +318,7 @@ def linear_probe(
         warm = best_probe
         metrics["linear_val_top1"] = best_acc
 
-    probe = train_linear_head(train_features, train_labels, weight_decay=chosen, init=warm,
-                              **fit_kw)
+    probe = train_linear_head(train_features, train_labels, weight_decay=chosen, init=warm, **fit_kw)
     test = _accuracies(probe, test_features, test_labels, "linear", num_classes)
     metrics = {**test, "linear_weight_decay": chosen, **metrics}
     return (metrics, probe) if return_probe else metrics

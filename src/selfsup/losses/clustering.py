@@ -11,9 +11,7 @@ from selfsup.losses._utils import full_precision
 
 
 @full_precision
-def swav_loss(
-    scores: Sequence[Tensor], codes: Sequence[Tensor], temperature: float = 0.1
-) -> Tensor:
+def swav_loss(scores: Sequence[Tensor], codes: Sequence[Tensor], temperature: float = 0.1) -> Tensor:
     """Compute SwAV's swapped-prediction loss from per-view scores and codes, each ``(B, K)``.
 
     ``scores[v]`` are view ``v``'s prototype similarities; ``codes[i]`` are the (Sinkhorn)
@@ -28,8 +26,7 @@ def swav_loss(
     """
     if not codes or len(codes) > len(scores) or len(scores) < 2:
         raise ValueError(
-            f"need 1 <= len(codes) <= len(scores) and len(scores) >= 2, got "
-            f"{len(codes)} codes and {len(scores)} scores"
+            f"need 1 <= len(codes) <= len(scores) and len(scores) >= 2, got {len(codes)} codes and {len(scores)} scores"
         )
     log_probs = [torch.log_softmax(s / temperature, dim=1) for s in scores]
     total = scores[0].new_zeros(())

@@ -16,9 +16,7 @@ def _check(pred: Tensor, target: Tensor, mask: Tensor) -> None:
 
 
 @full_precision
-def masked_mse(
-    pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = False, eps: float = 1e-6
-) -> Tensor:
+def masked_mse(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = False, eps: float = 1e-6) -> Tensor:
     """Compute MAE's reconstruction MSE over masked patches of ``(B, L, P)`` patch tensors.
 
     ``mask (B, L)`` is boolean with ``True = masked``; only masked patches count, so the

@@ -22,9 +22,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from selfsup.eval.monitors import feature_std
 from selfsup.losses import barlow_twins_loss
 from selfsup.methods.base import Batch, Method, StepInfo
+from selfsup.monitors import feature_std_tensor
+from selfsup.nn.backbones.protocol import feature_dim
 from selfsup.nn.heads import mlp_head
 from selfsup.registry import METHODS
 
@@ -53,12 +54,18 @@ class BarlowTwins(Method):
     view_recipe = "asymmetric"
     lr_scaling = "linear"
 
-    def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 8192, proj_dim: int = 8192,
-                 lambda_offdiag: float = 5e-3, bias_lr_scale: float = 0.024,
-                 gather: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        proj_hidden_dim: int = 8192,
+        proj_dim: int = 8192,
+        lambda_offdiag: float = 5e-3,
+        bias_lr_scale: float = 0.024,
+        gather: bool = True,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, 3)
+        self.projector = mlp_head(feature_dim(backbone), proj_hidden_dim, proj_dim, 3)
         self.lambda_offdiag = lambda_offdiag
         self.bias_lr_scale = bias_lr_scale
         self.gather = gather
@@ -75,4 +82,4 @@ class BarlowTwins(Method):
         # One pass per view, as in the authors' code: each view's BN statistics are its own.
         z_a, z_b = self.projector(self.backbone(y_a)), self.projector(self.backbone(y_b))
         loss = barlow_twins_loss(z_a, z_b, lambda_offdiag=self.lambda_offdiag, gather=self.gather)
-        return {"loss": loss, "z_std": feature_std(z_a)}
+        return {"loss": loss, "z_std": feature_std_tensor(z_a)}

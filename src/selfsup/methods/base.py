@@ -1,19 +1,34 @@
-"""The contract every self-supervised method implements, and the data it is handed.
+"""The contract every method implements, and the data it is handed.
 
 A method owns its heads, its loss and its per-step state updates; it owns no loop, optimiser,
-logger or EMA timing. The engine (``selfsup.engine.trainer``) calls, per optimisation step:
+logger or EMA timing. The loop (``selfsup.engine.loop``) calls:
 
-    forward under autocast -> ``training_step`` -> backward -> ``on_after_backward``
-    -> clip, optimiser step -> EMA of each pair in ``ema_pairs()`` -> ``on_step_end``.
+    at each epoch start: ``on_epoch_start(EpochContext)`` (e.g. a feature pass for k-means)
+    per optimisation step: for each micro-batch, forward under autocast -> ``training_step``
+    -> backward; then ``on_after_backward`` -> clip, optimiser step -> EMA of each pair in
+    ``ema_pairs()`` -> ``on_step_end(step, outputs)`` with the tensors the step returned.
 
-All scheduled values (lr, weight decay, EMA momentum, teacher temperature, ...) arrive in
-``StepInfo``: a method never counts steps itself.
+What a method declares, once (the engine derives everything else from it):
+
+* ``schedules()``: per-step values it needs beyond lr / weight decay / EMA momentum (e.g.
+  DINO's teacher temperature); the engine evaluates them into ``StepInfo.extra``.
+* ``ema_pairs()``: the (student, teacher) pairs; a method uses EMA iff it is non-empty.
+* ``batch_fields``: optional ``Batch`` fields it reads (``"label"``, ``"text"``, ``"mask"``);
+  the engine checks the data set provides them before the first step.
+* ``engine_facts``: facts about the run its constructor takes (``num_samples``, ...).
+* ``frozen_models``: constructor arguments that take a frozen model from an earlier run.
+
+State that outlives a step lives in registered buffers (queues, centres, banks), so a
+checkpoint of ``state_dict()`` restores it exactly; nothing is stashed on ``self`` between
+``training_step`` and ``on_step_end``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -27,10 +42,12 @@ class Batch:
         views: augmented views, each ``(B, C, H, W)`` float; multi-crop recipes may give
             several resolutions (all global crops first, then local crops).
         index: ``(B,)`` int64 dataset indices of the samples (memory banks use them).
-        label: ``(B,)`` int64 labels or ``None``; never used by self-supervised losses.
+        label: ``(B,)`` int64 labels, handed only to methods that declare ``"label"`` in
+            ``batch_fields`` (fine-tuning, semi-supervised), else ``None``.
         images: ``(B, C, H, W)`` the un-augmented images scaled to [0, 1] (for methods that
             make their own targets, e.g. pretext tasks), or ``None``.
-        text: optional paired text (image-text methods).
+        text: paired text of each image (image-text methods), or ``None``.
+        mask: ``(B, H, W)`` int64 segmentation masks (dense methods), or ``None``.
     """
 
     views: list[Tensor]
@@ -38,6 +55,39 @@ class Batch:
     label: Tensor | None = None
     images: Tensor | None = None
     text: Any = None
+    mask: Tensor | None = None
+
+
+#: Facts about the run that a method may take in its constructor by declaring them in
+#: ``engine_facts``: the pretraining set's size, image side and channels, the per-process
+#: batch, the number of classes, and the view recipe's number of global crops.
+ENGINE_FACTS = ("num_samples", "image_size", "in_channels", "batch_size", "num_classes", "num_global_crops")
+
+#: What ``training_step`` returns: ``"loss"`` (scalar tensor), other scalars (logged), and any
+#: non-scalar tensors the method needs after the optimiser step (keys to enqueue, teacher
+#: outputs for a centre). The loop detaches the latter, concatenates them over the
+#: micro-batches of an optimisation step along dim 0, and hands them to ``on_step_end``.
+StepOutputs = Mapping[str, Tensor]
+
+
+@dataclass
+class EpochContext:
+    """What ``on_epoch_start`` is handed.
+
+    Attributes:
+        epoch: the epoch about to start (0-based).
+        step: the ``StepInfo`` of the epoch's first optimisation step.
+        num_samples: size of the pretraining set.
+        encode: ``encode(fn) -> (num_samples, D)``: runs ``fn`` over every pretraining image
+            (un-augmented, normalised by the eval view, in eval mode is up to ``fn``), in
+            dataset order (row ``i`` is sample ``i``), batched on the training device and
+            gathered across processes.
+    """
+
+    epoch: int
+    step: StepInfo
+    num_samples: int
+    encode: Callable[[Callable[[Tensor], Tensor]], Tensor]
 
 
 @dataclass(frozen=True)
@@ -52,7 +102,7 @@ class StepInfo:
         weight_decay: weight decay at this step.
         ema_momentum: momentum for teacher EMA updates at this step (``teacher = m * teacher
             + (1 - m) * student``).
-        extra: further per-step scheduled values a method asked for (name -> value).
+        extra: the values of the method's own ``schedules()`` at this step (name -> value).
     """
 
     step: int
@@ -62,6 +112,21 @@ class StepInfo:
     weight_decay: float = 0.0
     ema_momentum: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
+
+    def with_schedules(self, schedules: Mapping[str, Callable[[int, int, float], float]]) -> StepInfo:
+        """This step with each schedule's value at it in ``extra`` (see ``Method.schedules``)."""
+        values = {name: float(fn(self.step, self.total_steps, self.epoch)) for name, fn in schedules.items()}
+        return dataclasses.replace(self, extra={**self.extra, **values})
+
+    def __getitem__(self, name: str) -> float:
+        """A value the method declared in ``schedules()``: ``step["teacher_temp"]``."""
+        try:
+            return self.extra[name]
+        except KeyError:
+            raise KeyError(
+                f"no scheduled value {name!r} in this step (declared: {sorted(self.extra)}); "
+                "declare it in the method's schedules()"
+            ) from None
 
     @property
     def progress(self) -> float:
@@ -73,12 +138,22 @@ class Method(nn.Module):
     """Base class of a self-supervised method.
 
     Subclasses set ``self.backbone`` (the encoder that is evaluated) and implement
-    ``training_step``. Everything else has a sensible default.
+    ``training_step``. Everything else has a sensible default. Capabilities are declared
+    by what a method defines (``ema_pairs``, ``schedules``, ``batch_fields``), never by a
+    flag kept in sync by hand.
 
     Class attributes:
         view_recipe: name of the default view recipe in ``selfsup.transforms`` (e.g.
             ``"two_views"``, ``"asymmetric"``, ``"multi_crop"``).
-        uses_ema: whether ``ema_pairs`` is non-empty, so the engine schedules a momentum.
+        batch_fields: optional ``Batch`` fields the method reads (``"label"``, ``"text"``,
+            ``"mask"``); the engine hands only these and checks the data has them.
+        engine_facts: run facts the constructor takes as keyword arguments, from
+            ``ENGINE_FACTS`` (e.g. ``("num_samples",)`` to size a queue); users cannot set them.
+        frozen_models: constructor arguments that take a frozen model from an earlier run: the
+            config gives ``{run: runs/<name>}`` (or a ``backbone.safetensors`` path) and the
+            engine passes the loaded, frozen backbone. A method keeps it in the attribute of
+            the same name, which stays in eval mode when the method is put in training mode
+            (a frozen model's BatchNorm statistics must not follow the new data).
         default_ema_momentum: ``(start, end)`` of the cosine momentum schedule.
         lr_scaling: default rule relating lr to batch size: ``"linear"`` (lr * B / 256),
             ``"sqrt"`` or ``"none"``.
@@ -92,8 +167,10 @@ class Method(nn.Module):
             tokens, which a ConvNet cannot do. Tests and tools read it instead of names.
     """
 
-    view_recipe: str = "two_views"
-    uses_ema: bool = False
+    view_recipe: ClassVar[str] = "two_views"
+    batch_fields: ClassVar[frozenset[str]] = frozenset()
+    engine_facts: ClassVar[tuple[str, ...]] = ()
+    frozen_models: ClassVar[tuple[str, ...]] = ()
     default_ema_momentum: tuple[float, float] = (0.996, 1.0)
     lr_scaling: str = "linear"
     find_unused_parameters: bool = False
@@ -101,12 +178,12 @@ class Method(nn.Module):
 
     backbone: nn.Module
 
-    def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
-        """Returns ``{"loss": total, "<part>_loss": ..., other monitored scalars}``; ``loss`` is
-        a scalar tensor, monitors may be tensors or floats."""
+    def training_step(self, batch: Batch, step: StepInfo) -> StepOutputs:
+        """Returns ``{"loss": total, "<part>_loss": ..., other monitored scalars, and tensors
+        for on_step_end}`` (see ``StepOutputs``); ``loss`` is a scalar tensor."""
         raise NotImplementedError
 
-    def forward(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:  # type: ignore[override]
+    def forward(self, batch: Batch, step: StepInfo) -> StepOutputs:
         """Calls ``training_step``: DistributedDataParallel hooks into ``forward``, so the
         engine calls the (possibly wrapped) module rather than ``training_step`` directly."""
         return self.training_step(batch, step)
@@ -115,10 +192,34 @@ class Method(nn.Module):
         """``(student, teacher)`` pairs that the engine updates by EMA after each step."""
         return []
 
+    def train(self, mode: bool = True) -> Method:
+        super().train(mode)
+        for name in self.frozen_models:
+            frozen = getattr(self, name, None)
+            if isinstance(frozen, nn.Module) and frozen is not self.backbone:
+                frozen.eval()
+        return self
+
+    @property
+    def uses_ema(self) -> bool:
+        """Whether the engine schedules an EMA momentum: ``ema_pairs()`` is non-empty."""
+        return bool(self.ema_pairs())
+
+    def schedules(self) -> Mapping[str, Callable[[int, int, float], float]]:
+        """Per-step values the method needs, ``name -> schedule(step, total_steps, epoch)``
+        (see ``selfsup.schedules``); each step's values arrive in ``StepInfo.extra`` (read
+        them as ``step[name]``)."""
+        return {}
+
+    def on_epoch_start(self, ctx: EpochContext) -> None:
+        """Hook before the first step of each epoch (resumed runs included), e.g. DeepCluster's
+        k-means over ``ctx.encode(self.backbone)``. Whatever it computes must land in buffers."""
+
     def param_groups(self) -> list[dict[str, Any]]:
         """Parameter groups for the optimiser: no weight decay (nor LARS adaptation) on
         norms and biases, per the common practice of SimCLR/BYOL/MoCo v3."""
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
@@ -131,8 +232,9 @@ class Method(nn.Module):
     def on_after_backward(self, step: StepInfo) -> None:
         """Hook after ``backward`` and before the optimiser step (e.g. freeze a layer)."""
 
-    def on_step_end(self, step: StepInfo) -> None:
-        """Hook after the optimiser step and EMA (e.g. enqueue keys, update a bank)."""
+    def on_step_end(self, step: StepInfo, outputs: StepOutputs) -> None:
+        """Hook after the optimiser step and EMA (e.g. enqueue keys, update a bank), given the
+        step's outputs (non-scalar tensors concatenated over the micro-batches)."""
 
     @property
     def eval_backbone(self) -> nn.Module:
@@ -147,7 +249,8 @@ class Method(nn.Module):
 
     @property
     def num_features(self) -> int:
-        return int(self.backbone.num_features)
+        num_features: Any = self.backbone.num_features  # nn.Module.__getattr__ types it Tensor | Module
+        return int(num_features)
 
 
 def check_token_backbone(backbone: nn.Module, method: str) -> None:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from selfsup.eval.monitors import feature_std
 from selfsup.losses import byol_loss
 from selfsup.methods.base import Batch, StepInfo
 from selfsup.methods.online_target import OnlineTargetMethod
+from selfsup.monitors import feature_std_tensor
+from selfsup.nn.backbones.protocol import feature_dim
 from selfsup.nn.heads import mlp_head
 from selfsup.registry import METHODS
 
@@ -35,19 +36,19 @@ class BYOL(OnlineTargetMethod):
     """
 
     view_recipe = "asymmetric"
-    uses_ema = True
     default_ema_momentum = (0.996, 1.0)
     lr_scaling = "linear"
 
-    def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 4096, proj_dim: int = 256,
-                 pred_hidden_dim: int = 4096) -> None:
+    def __init__(
+        self, backbone: nn.Module, proj_hidden_dim: int = 4096, proj_dim: int = 256, pred_hidden_dim: int = 4096
+    ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, 2)
+        self.projector = mlp_head(feature_dim(backbone), proj_hidden_dim, proj_dim, 2)
         self.predictor = mlp_head(proj_dim, pred_hidden_dim, proj_dim, 2)
         self.make_target()
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
         (p1, p2), (z1_t, z2_t) = self.predictions_and_targets(batch.views[0], batch.views[1])
         loss = byol_loss(p1, z2_t) + byol_loss(p2, z1_t)
-        return {"loss": loss, "z_std": feature_std(p1)}
+        return {"loss": loss, "z_std": feature_std_tensor(p1)}

@@ -24,18 +24,20 @@ of features over the sphere.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from selfsup.engine.schedules import linear_warmup
 from selfsup.losses import dino_center_update, koleo_loss, swav_loss
-from selfsup.methods.base import Batch, Method, StepInfo
+from selfsup.methods.base import Batch, Method, StepInfo, StepOutputs
+from selfsup.nn.backbones.protocol import feature_dim
 from selfsup.nn.heads import frozen_copy
 from selfsup.nn.multicrop import encode_by_resolution
 from selfsup.nn.sinkhorn import sinkhorn_knopp
 from selfsup.registry import METHODS
+from selfsup.schedules import WarmupThenConstant
 
 
 class DINOHead(nn.Module):
@@ -55,8 +57,15 @@ class DINOHead(nn.Module):
         last_layer_g: ``(K, 1)`` gain of the last layer's rows (frozen at 1 by default).
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, use_bn: bool = False, norm_last_layer: bool = True) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         dim = in_dim
@@ -119,27 +128,41 @@ class DINO(Method):
     """
 
     view_recipe = "multi_crop"
-    uses_ema = True
+    engine_facts = ("num_global_crops",)
     default_ema_momentum = (0.996, 1.0)
     lr_scaling = "linear"
 
     center: Tensor
 
-    def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_dim: int = 256,
-                 out_dim: int = 65536, norm_last_layer: bool = True, head_bn: bool = False,
-                 student_temp: float = 0.1, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.07,
-                 warmup_teacher_temp_epochs: float = 30.0, center_momentum: float = 0.9,
-                 num_global_crops: int = 2, freeze_last_layer_epochs: float = 1.0,
-                 evaluate_teacher: bool = True, centering: str = "ema", sinkhorn_iterations: int = 3,
-                 koleo_weight: float = 0.0) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        proj_hidden_dim: int = 2048,
+        proj_dim: int = 256,
+        out_dim: int = 65536,
+        norm_last_layer: bool = True,
+        head_bn: bool = False,
+        student_temp: float = 0.1,
+        warmup_teacher_temp: float = 0.04,
+        teacher_temp: float = 0.07,
+        warmup_teacher_temp_epochs: float = 30.0,
+        center_momentum: float = 0.9,
+        num_global_crops: int = 2,
+        freeze_last_layer_epochs: float = 1.0,
+        evaluate_teacher: bool = True,
+        centering: str = "ema",
+        sinkhorn_iterations: int = 3,
+        koleo_weight: float = 0.0,
+    ) -> None:
         super().__init__()
         if centering not in ("ema", "sinkhorn"):
             raise ValueError(f"centering must be 'ema' or 'sinkhorn', got {centering!r}")
         if sinkhorn_iterations < 1 or koleo_weight < 0:
-            raise ValueError(f"need sinkhorn_iterations >= 1 and koleo_weight >= 0, got "
-                             f"{sinkhorn_iterations} and {koleo_weight}")
+            raise ValueError(
+                f"need sinkhorn_iterations >= 1 and koleo_weight >= 0, got {sinkhorn_iterations} and {koleo_weight}"
+            )
         self.backbone = backbone
-        self.head = DINOHead(backbone.num_features, out_dim, proj_hidden_dim, proj_dim, head_bn, norm_last_layer)
+        self.head = DINOHead(feature_dim(backbone), out_dim, proj_hidden_dim, proj_dim, head_bn, norm_last_layer)
         self.teacher_backbone = frozen_copy(backbone)
         self.teacher_head = frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(1, out_dim))
@@ -154,7 +177,6 @@ class DINO(Method):
         self.centering = centering
         self.sinkhorn_iterations = sinkhorn_iterations
         self.koleo_weight = koleo_weight
-        self._pending_teacher: list[Tensor] = []
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
@@ -163,22 +185,27 @@ class DINO(Method):
     def eval_backbone(self) -> nn.Module:
         return self.teacher_backbone if self.evaluate_teacher else self.backbone
 
-    def teacher_temperature(self, epoch: float) -> float:
-        """The teacher temperature at (float) ``epoch``: linear warm-up, then constant."""
-        return linear_warmup(epoch, self.warmup_teacher_temp_epochs, self.warmup_teacher_temp,  # type: ignore[arg-type]
-                             self.teacher_temp)
+    def schedules(self) -> dict[str, WarmupThenConstant]:
+        """The teacher temperature: linear warm-up over epochs, then constant (paper sec. 3.1)."""
+        return {
+            "teacher_temp": WarmupThenConstant(
+                self.warmup_teacher_temp, self.teacher_temp, self.warmup_teacher_temp_epochs
+            )
+        }
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
         views = batch.views
         if len(views) < 2 or not 1 <= self.num_global_crops <= len(views):
-            raise ValueError(f"DINO needs at least 2 views, num_global_crops={self.num_global_crops} of "
-                             f"them global; got {len(views)}")
+            raise ValueError(
+                f"DINO needs at least 2 views, num_global_crops={self.num_global_crops} of "
+                f"them global; got {len(views)}"
+            )
         features = encode_by_resolution(self.backbone, views)
         student_out = self.head(features).chunk(len(views))
         with torch.no_grad():
             global_crops = torch.cat(list(views[: self.num_global_crops]))
             teacher_cat = self.teacher_head(self.teacher_backbone(global_crops)).float()
-        teacher_temp = self.teacher_temperature(step.epoch)
+        teacher_temp = step["teacher_temp"]
         targets = self.teacher_targets(teacher_cat, teacher_temp)
         # DINO's cross-entropy over (teacher crop i, student crop v != i) pairs is SwAV's swapped
         # prediction with the teacher's distributions as codes (dino_loss for the EMA centre).
@@ -186,14 +213,16 @@ class DINO(Method):
         metrics = {"teacher_temp": loss.new_tensor(teacher_temp), "teacher_entropy": _entropy(targets)}
         if self.koleo_weight > 0:
             global_features = features[: len(global_crops)].chunk(self.num_global_crops)
-            koleo = sum(koleo_loss(f) for f in global_features)
+            # A tensor: num_global_crops >= 1 (checked above), so sum() never returns its start 0.
+            koleo = cast(Tensor, sum(koleo_loss(f) for f in global_features))
             metrics["koleo"] = koleo.detach()
             loss = loss + self.koleo_weight * koleo
+        outputs = {"loss": loss, **metrics}
         if self.centering == "ema":
-            # Kept for on_step_end (one entry per accumulated micro-batch): the forward never
+            # For on_step_end (concatenated over accumulated micro-batches): the forward never
             # changes the centre itself.
-            self._pending_teacher.append(teacher_cat)
-        return {"loss": loss, **metrics}
+            outputs["teacher_logits"] = teacher_cat
+        return outputs
 
     @torch.no_grad()
     def teacher_targets(self, teacher_out: Tensor, teacher_temp: float) -> Tensor:
@@ -213,11 +242,9 @@ class DINO(Method):
                 p.grad = None
 
     @torch.no_grad()
-    def on_step_end(self, step: StepInfo) -> None:
-        if self._pending_teacher:
-            teacher_out = torch.cat(self._pending_teacher)
-            self.center.copy_(dino_center_update(self.center, teacher_out, self.center_momentum))
-        self._pending_teacher.clear()
+    def on_step_end(self, step: StepInfo, outputs: StepOutputs) -> None:
+        if "teacher_logits" in outputs:
+            self.center.copy_(dino_center_update(self.center, outputs["teacher_logits"], self.center_momentum))
 
 
 def _entropy(p: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from selfsup.losses import masked_mse
 from selfsup.methods.base import Batch, Method, StepInfo, check_token_backbone
+from selfsup.nn.backbones.protocol import as_token_backbone
 from selfsup.nn.backbones.vit import Block, sincos_pos_embed_2d
 from selfsup.nn.masking import fill_masked_tokens, mask_to_keep_indices, random_mask
 from selfsup.nn.patches import patchify, unpatchify
@@ -50,15 +51,24 @@ class MAEDecoder(nn.Module):
     References: He et al. 2021, MAE, arXiv:2111.06377 (Section 3, Table 1).
     """
 
-    def __init__(self, embed_dim: int, grid_size: tuple[int, int], patch_dim: int, decoder_embed_dim: int = 512,
-                 depth: int = 8, num_heads: int = 16, mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        grid_size: tuple[int, int],
+        patch_dim: int,
+        decoder_embed_dim: int = 512,
+        depth: int = 8,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+    ) -> None:
         super().__init__()
         self.embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         pos = sincos_pos_embed_2d(decoder_embed_dim, *grid_size)
         # Class-token slot zero, as in the encoder; not persistent: a pure function of the grid.
-        self.register_buffer("pos_embed", torch.cat([torch.zeros(1, decoder_embed_dim), pos]).unsqueeze(0),
-                             persistent=False)
+        self.register_buffer(
+            "pos_embed", torch.cat([torch.zeros(1, decoder_embed_dim), pos]).unsqueeze(0), persistent=False
+        )
         self.blocks = nn.ModuleList(Block(decoder_embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.pred = nn.Linear(decoder_embed_dim, patch_dim)
@@ -100,31 +110,48 @@ class MAE(Method):
     requires_token_backbone = True
     lr_scaling = "linear"
 
-    def __init__(self, backbone: nn.Module, in_channels: int = 3, mask_ratio: float = 0.75,
-                 decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
-                 norm_pix_loss: bool = True) -> None:
+    engine_facts = ("in_channels",)
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        in_channels: int = 3,
+        mask_ratio: float = 0.75,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        norm_pix_loss: bool = True,
+    ) -> None:
         super().__init__()
         check_token_backbone(backbone, "MAE")
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        vit = as_token_backbone(backbone)
         self.backbone = backbone
         self.in_channels = in_channels
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
-        self.patch_size = int(backbone.patch_size)
-        self.decoder = MAEDecoder(int(backbone.embed_dim), tuple(backbone.grid_size),
-                                  self.patch_size**2 * in_channels, decoder_embed_dim, decoder_depth,
-                                  decoder_num_heads)
+        self.patch_size = int(vit.patch_size)
+        grid_h, grid_w = vit.grid_size
+        self.decoder = MAEDecoder(
+            int(vit.embed_dim),
+            (grid_h, grid_w),
+            self.patch_size**2 * in_channels,
+            decoder_embed_dim,
+            decoder_depth,
+            decoder_num_heads,
+        )
 
     def sample_mask(self, batch_size: int, device: torch.device) -> Tensor:
         """`(B, L)` bool random mask, True = masked, exactly ``round(mask_ratio * L)`` per row,
         drawn from the global CPU generator (see the module docstring)."""
-        return random_mask(batch_size, int(self.backbone.num_patches), self.mask_ratio, device=device)
+        num_patches = int(as_token_backbone(self.backbone).num_patches)
+        return random_mask(batch_size, num_patches, self.mask_ratio, device=device)
 
     def predict(self, images: Tensor, mask: Tensor) -> Tensor:
         """Encode the visible patches of `(B, C, H, W)` images under ``mask`` `(B, L)` and
         decode pixel predictions `(B, L, p*p*C)` for every patch."""
-        latent = self.backbone.forward_tokens(images, keep_indices=mask_to_keep_indices(mask))
+        latent = as_token_backbone(self.backbone).forward_tokens(images, keep_indices=mask_to_keep_indices(mask))
         return self.decoder(latent, mask)
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:

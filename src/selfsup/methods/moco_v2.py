@@ -16,15 +16,17 @@ Pseudocode (Algorithm 1 of MoCo)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from selfsup.eval.monitors import feature_std
 from selfsup.losses import info_nce
-from selfsup.methods.base import Batch, Method, StepInfo
-from selfsup.nn.distributed import concat_all_gather, is_dist, rank, world_size
+from selfsup.methods.base import Batch, Method, StepInfo, StepOutputs
+from selfsup.monitors import feature_std_tensor
+from selfsup.nn.backbones.protocol import feature_dim
+from selfsup.nn.distributed import shuffle_across_processes, unshuffle_across_processes, world_size
 from selfsup.nn.heads import frozen_copy, mlp_head
 from selfsup.nn.memory import FIFOQueue
 from selfsup.registry import METHODS
@@ -34,45 +36,6 @@ def default_queue_size(num_samples: int) -> int:
     """The paper's 65536 keys, capped at a quarter of the dataset so that a small dataset's
     queue does not hold many stale keys of each query's own image."""
     return max(256, min(65536, num_samples // 4))
-
-
-@torch.no_grad()
-def shuffle_across_processes(x: Tensor) -> tuple[Tensor, Tensor]:
-    """This process's share ``(B, ...)`` of a random shuffle of every process's ``x (B, ...)``,
-    and the global permutation ``(W * B,)`` that :func:`unshuffle_across_processes` undoes.
-
-    The first half of shuffling BN: the key encoder then normalises each key with statistics
-    of a random subset of the global batch, not of the sub-batch its query came from, so a
-    query and its positive key cannot share batch statistics ("cheat the pretext task").
-    Every process draws a permutation (so all consume their RNG alike) and rank 0's is
-    broadcast. All processes need the same ``B``. In a single process it is a plain shuffle.
-
-    References: He et al. 2020, "Momentum Contrast", arXiv:1911.05722, section 3.3 and
-    Algorithm 1 (the official ``_batch_shuffle_ddp``).
-    """
-    b = x.shape[0]
-    x_all = concat_all_gather(x)
-    perm = torch.randperm(x_all.shape[0], device=x.device)
-    if is_dist():
-        dist.broadcast(perm, src=0)
-    r = rank()
-    return x_all[perm[r * b : (r + 1) * b]], perm
-
-
-@torch.no_grad()
-def unshuffle_across_processes(y: Tensor, perm: Tensor) -> Tensor:
-    """The outputs ``(B, ...)`` for this process's original samples, from every process's
-    outputs ``y (B, ...)`` on its share of the shuffle ``perm`` (see
-    :func:`shuffle_across_processes`): position ``j`` of the gathered outputs holds sample
-    ``perm[j]``, so sample ``i`` sits at ``argsort(perm)[i]``.
-
-    References: He et al. 2020, "Momentum Contrast", arXiv:1911.05722, Algorithm 1 (the
-    official ``_batch_unshuffle_ddp``).
-    """
-    b = y.shape[0]
-    y_all = concat_all_gather(y)
-    r = rank()
-    return y_all[torch.argsort(perm)[r * b : (r + 1) * b]]
 
 
 @METHODS.register("moco_v2")
@@ -97,28 +60,35 @@ class MoCoV2(Method):
     """
 
     view_recipe = "two_views"
-    uses_ema = True
+    engine_facts = ("num_samples",)
     default_ema_momentum = (0.999, 0.999)
     lr_scaling = "linear"
 
-    def __init__(self, backbone: nn.Module, num_samples: int = 65536 * 4, proj_hidden_dim: int = 2048,
-                 proj_dim: int = 128, temperature: float = 0.2, queue_size: int | None = None,
-                 shuffle_bn_groups: int = 2, symmetric: bool = False) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_samples: int = 65536 * 4,
+        proj_hidden_dim: int = 2048,
+        proj_dim: int = 128,
+        temperature: float = 0.2,
+        queue_size: int | None = None,
+        shuffle_bn_groups: int = 2,
+        symmetric: bool = False,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, 2, hidden_norm="none")
+        self.projector = mlp_head(feature_dim(backbone), proj_hidden_dim, proj_dim, 2, hidden_norm="none")
         self.teacher_backbone = frozen_copy(backbone)
         self.teacher_projector = frozen_copy(self.projector)
         self.temperature = temperature
         self.shuffle_bn_groups = shuffle_bn_groups
         self.symmetric = symmetric
         self.queue = FIFOQueue(queue_size or default_queue_size(num_samples), proj_dim)
-        self._pending_keys: list[Tensor] = []
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.teacher_backbone), (self.projector, self.teacher_projector)]
 
-    def _grouped(self, encoder: nn.Module, x: Tensor, order: Tensor | None = None) -> Tensor:
+    def _grouped(self, encoder: Callable[[Tensor], Tensor], x: Tensor, order: Tensor | None = None) -> Tensor:
         """Encodes ``x`` in ``shuffle_bn_groups`` sub-batches (in ``order`` if given), returns
         embeddings in the original order. With several processes the process is the group."""
         if order is not None:
@@ -151,16 +121,15 @@ class MoCoV2(Method):
         negatives = self.queue.values(only_filled=False)
         q1, k2 = self._query(x1), self._key(x2)
         loss = info_nce(q1, k2, negatives=negatives, temperature=self.temperature)
-        keys = [k2]
+        outputs = {"loss": loss, "z_std": feature_std_tensor(q1), "keys": k2}
         if self.symmetric:
             q2, k1 = self._query(x2), self._key(x1)
-            loss = 0.5 * (loss + info_nce(q2, k1, negatives=negatives, temperature=self.temperature))
-            keys.append(k1)
-        self._pending_keys.extend(keys)
-        return {"loss": loss, "z_std": feature_std(q1)}
+            outputs["loss"] = 0.5 * (loss + info_nce(q2, k1, negatives=negatives, temperature=self.temperature))
+            outputs["swapped_keys"] = k1
+        return outputs
 
-    def on_step_end(self, step: StepInfo) -> None:
+    def on_step_end(self, step: StepInfo, outputs: StepOutputs) -> None:
         # The queue changes only here, after the optimiser step, never inside the forward.
-        for keys in self._pending_keys:
-            self.queue.enqueue(keys)
-        self._pending_keys.clear()
+        self.queue.enqueue(outputs["keys"])
+        if "swapped_keys" in outputs:
+            self.queue.enqueue(outputs["swapped_keys"])

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from selfsup.eval.monitors import feature_std
 from selfsup.losses import moco_v3_loss
 from selfsup.methods.base import Batch, StepInfo
 from selfsup.methods.online_target import OnlineTargetMethod
+from selfsup.monitors import feature_std_tensor
+from selfsup.nn.backbones.protocol import feature_dim
 from selfsup.nn.heads import mlp_head
 from selfsup.registry import METHODS
 
@@ -51,13 +52,19 @@ class MoCoV3(OnlineTargetMethod):
     """
 
     view_recipe = "two_views"
-    uses_ema = True
     default_ema_momentum = (0.99, 1.0)
     lr_scaling = "linear"
 
-    def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 4096, proj_dim: int = 256,
-                 pred_hidden_dim: int = 4096, temperature: float = 0.2, freeze_patch_embed: bool = True,
-                 gather: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        proj_hidden_dim: int = 4096,
+        proj_dim: int = 256,
+        pred_hidden_dim: int = 4096,
+        temperature: float = 0.2,
+        freeze_patch_embed: bool = True,
+        gather: bool = True,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.temperature = temperature
@@ -67,12 +74,13 @@ class MoCoV3(OnlineTargetMethod):
             # Before the teacher is copied and the optimiser built: the projection stays at its
             # random initialisation in both encoders, so EMA leaves it equal too.
             patch_embed.requires_grad_(False)
-        self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, 3,
-                                  hidden_norm="bn", output_norm="bn_noaffine")
+        self.projector = mlp_head(
+            feature_dim(backbone), proj_hidden_dim, proj_dim, 3, hidden_norm="bn", output_norm="bn_noaffine"
+        )
         self.predictor = mlp_head(proj_dim, pred_hidden_dim, proj_dim, 2, hidden_norm="bn")
         self.make_target()
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
         (q1, q2), (k1, k2) = self.predictions_and_targets(batch.views[0], batch.views[1])
         loss = moco_v3_loss(q1, q2, k1, k2, temperature=self.temperature, gather=self.gather)
-        return {"loss": loss, "z_std": feature_std(q1)}
+        return {"loss": loss, "z_std": feature_std_tensor(q1)}

@@ -38,8 +38,9 @@ class OnlineTargetMethod(Method):
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.teacher_backbone), (self.projector, self.teacher_projector)]
 
-    def predictions_and_targets(self, view1: Tensor, view2: Tensor) -> tuple[tuple[Tensor, Tensor],
-                                                                            tuple[Tensor, Tensor]]:
+    def predictions_and_targets(
+        self, view1: Tensor, view2: Tensor
+    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """``((p1, p2), (z1, z2))``: online predictions and target projections, ``(B, D)``
         each, of two ``(B, C, H, W)`` views; the targets carry no gradient.
 

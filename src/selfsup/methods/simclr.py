@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from selfsup.eval.monitors import feature_std
 from selfsup.losses import nt_xent
 from selfsup.methods.base import Batch, Method, StepInfo
+from selfsup.monitors import feature_std_tensor
+from selfsup.nn.backbones.protocol import feature_dim
 from selfsup.nn.heads import mlp_head
 from selfsup.registry import METHODS
 
@@ -40,11 +41,18 @@ class SimCLR(Method):
     view_recipe = "two_views"
     lr_scaling = "sqrt"
 
-    def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_dim: int = 128,
-                 proj_layers: int = 2, temperature: float = 0.5, gather: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        proj_hidden_dim: int = 2048,
+        proj_dim: int = 128,
+        proj_layers: int = 2,
+        temperature: float = 0.5,
+        gather: bool = True,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, proj_layers)
+        self.projector = mlp_head(feature_dim(backbone), proj_hidden_dim, proj_dim, proj_layers)
         self.temperature = temperature
         self.gather = gather
 
@@ -54,4 +62,4 @@ class SimCLR(Method):
         z = self.projector(self.backbone(torch.cat([x1, x2])))
         z1, z2 = z.chunk(2)
         loss = nt_xent(z1, z2, temperature=self.temperature, gather=self.gather)
-        return {"loss": loss, "z_std": feature_std(z1)}
+        return {"loss": loss, "z_std": feature_std_tensor(z1)}

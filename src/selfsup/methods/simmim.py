@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from selfsup.losses import masked_l1
 from selfsup.methods.base import Batch, Method, StepInfo, check_token_backbone
+from selfsup.nn.backbones.protocol import as_token_backbone
 from selfsup.nn.masking import random_mask
 from selfsup.nn.patches import patchify
 from selfsup.registry import METHODS
@@ -44,31 +45,37 @@ class SimMIM(Method):
     requires_token_backbone = True
     lr_scaling = "linear"
 
-    def __init__(self, backbone: nn.Module, in_channels: int = 3, mask_ratio: float = 0.6,
-                 mask_patch_size: int | None = None) -> None:
+    engine_facts = ("in_channels",)
+
+    def __init__(
+        self, backbone: nn.Module, in_channels: int = 3, mask_ratio: float = 0.6, mask_patch_size: int | None = None
+    ) -> None:
         super().__init__()
         check_token_backbone(backbone, "SimMIM")
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        patch = int(backbone.patch_size)
-        grid_h, grid_w = backbone.grid_size
+        vit = as_token_backbone(backbone)
+        patch = int(vit.patch_size)
+        grid_h, grid_w = vit.grid_size
         scale = 1 if mask_patch_size is None else mask_patch_size // patch
         if mask_patch_size is not None and (mask_patch_size % patch or grid_h % scale or grid_w % scale):
-            raise ValueError(f"mask_patch_size {mask_patch_size} must be a multiple of the patch size {patch} "
-                             f"that tiles the {grid_h}x{grid_w} patch grid")
+            raise ValueError(
+                f"mask_patch_size {mask_patch_size} must be a multiple of the patch size {patch} "
+                f"that tiles the {grid_h}x{grid_w} patch grid"
+            )
         self.backbone = backbone
-        backbone.enable_mask_token()
+        vit.enable_mask_token()
         self.mask_ratio = mask_ratio
         self.patch_size = patch
         self.mask_scale = scale
         # "A linear layer" predicting the p*p*C raw pixels of each patch from its token (the
         # paper's 1x1 convolution over the feature map is the same map).
-        self.head = nn.Linear(int(backbone.embed_dim), patch * patch * in_channels)
+        self.head = nn.Linear(int(vit.embed_dim), patch * patch * in_channels)
 
     def sample_mask(self, batch_size: int, device: torch.device) -> Tensor:
         """`(B, L)` bool mask on the ViT patch grid, True = masked: ``mask_ratio`` of the
         ``mask_patch_size`` units, each covering ``scale x scale`` ViT patches."""
-        grid_h, grid_w = self.backbone.grid_size
+        grid_h, grid_w = as_token_backbone(self.backbone).grid_size
         s = self.mask_scale
         coarse = random_mask(batch_size, (grid_h // s) * (grid_w // s), self.mask_ratio, device=device)
         coarse = coarse.reshape(batch_size, grid_h // s, grid_w // s)
@@ -77,7 +84,7 @@ class SimMIM(Method):
 
     def predict(self, images: Tensor, mask: Tensor) -> Tensor:
         """Pixel predictions `(B, L, p*p*C)` for `(B, C, H, W)` images under ``mask`` `(B, L)`."""
-        tokens = self.backbone.forward_tokens(images, mask=mask)
+        tokens = as_token_backbone(self.backbone).forward_tokens(images, mask=mask)
         return self.head(tokens[:, 1:])
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:

@@ -20,9 +20,10 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from selfsup.eval.monitors import feature_std
 from selfsup.losses import negative_cosine
 from selfsup.methods.base import Batch, Method, StepInfo
+from selfsup.monitors import feature_std_tensor
+from selfsup.nn.backbones.protocol import feature_dim
 from selfsup.nn.heads import mlp_head
 from selfsup.registry import METHODS
 
@@ -63,13 +64,21 @@ class SimSiam(Method):
     view_recipe = "two_views"
     lr_scaling = "linear"
 
-    def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_dim: int = 2048,
-                 pred_hidden_dim: int = 512, proj_layers: int = 3, fix_predictor_lr: bool = True,
-                 stop_gradient: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        proj_hidden_dim: int = 2048,
+        proj_dim: int = 2048,
+        pred_hidden_dim: int = 512,
+        proj_layers: int = 3,
+        fix_predictor_lr: bool = True,
+        stop_gradient: bool = True,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, proj_layers,
-                                  output_norm="bn_noaffine")
+        self.projector = mlp_head(
+            feature_dim(backbone), proj_hidden_dim, proj_dim, proj_layers, output_norm="bn_noaffine"
+        )
         self.predictor = mlp_head(proj_dim, pred_hidden_dim, proj_dim, 2)
         self.fix_predictor_lr = fix_predictor_lr
         self.stop_gradient = stop_gradient
@@ -83,8 +92,9 @@ class SimSiam(Method):
             rest = [p for p in group["params"] if id(p) not in predictor]
             mine = [p for p in group["params"] if id(p) in predictor]
             groups.append({**group, "params": rest})
-            groups.append({**group, "params": mine, "name": f"predictor_{group['name']}",
-                           "fixed_lr": self.fix_predictor_lr})
+            groups.append(
+                {**group, "params": mine, "name": f"predictor_{group['name']}", "fixed_lr": self.fix_predictor_lr}
+            )
         return groups
 
     def _distance(self, p: Tensor, z: Tensor) -> Tensor:
@@ -99,4 +109,4 @@ class SimSiam(Method):
         z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
         p1, p2 = self.predictor(z1), self.predictor(z2)
         loss = 0.5 * (self._distance(p1, z2) + self._distance(p2, z1))
-        return {"loss": loss, "z_std": feature_std(z1), "p_std": feature_std(p1)}
+        return {"loss": loss, "z_std": feature_std_tensor(z1), "p_std": feature_std_tensor(p1)}

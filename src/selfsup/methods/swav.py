@@ -20,9 +20,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from selfsup.eval.monitors import feature_std
 from selfsup.losses import swav_loss
-from selfsup.methods.base import Batch, Method, StepInfo
+from selfsup.methods.base import Batch, Method, StepInfo, StepOutputs
+from selfsup.monitors import feature_std_tensor
+from selfsup.nn.backbones.protocol import feature_dim
 from selfsup.nn.distributed import rank, world_size
 from selfsup.nn.heads import mlp_head
 from selfsup.nn.memory import FIFOQueue
@@ -56,16 +57,26 @@ class SwAV(Method):
     """
 
     view_recipe = "multi_crop"
+    engine_facts = ("num_global_crops",)
     lr_scaling = "linear"
 
-    def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_dim: int = 128,
-                 num_prototypes: int = 3000, temperature: float = 0.1, sinkhorn_epsilon: float = 0.05,
-                 sinkhorn_iterations: int = 3, num_global_crops: int = 2,
-                 freeze_prototypes_steps: int = 313, queue_length: int = 0,
-                 epoch_queue_starts: float = 15.0) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        proj_hidden_dim: int = 2048,
+        proj_dim: int = 128,
+        num_prototypes: int = 3000,
+        temperature: float = 0.1,
+        sinkhorn_epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        num_global_crops: int = 2,
+        freeze_prototypes_steps: int = 313,
+        queue_length: int = 0,
+        epoch_queue_starts: float = 15.0,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, 2)
+        self.projector = mlp_head(feature_dim(backbone), proj_hidden_dim, proj_dim, 2)
         self.prototypes = nn.Linear(proj_dim, num_prototypes, bias=False)
         self.temperature = temperature
         self.sinkhorn_epsilon = sinkhorn_epsilon
@@ -76,7 +87,6 @@ class SwAV(Method):
         # One queue shared by the global crops (the reference code keeps one per crop): it
         # stores past embeddings, re-scored against the current prototypes at every step.
         self.queue = FIFOQueue(queue_length, proj_dim) if queue_length > 0 else None
-        self._pending: list[Tensor] = []
         self.normalize_prototypes()
 
     @torch.no_grad()
@@ -90,8 +100,7 @@ class SwAV(Method):
         if self.queue is None or int(self.queue.filled) < self.queue.size:
             return None
         if self.queue.size % world_size():
-            raise ValueError(f"queue_length {self.queue.size} must be divisible by the "
-                             f"{world_size()} processes")
+            raise ValueError(f"queue_length {self.queue.size} must be divisible by the {world_size()} processes")
         # Every process holds the same global queue; disjoint slices keep the Sinkhorn batch
         # equal to the single-process one (L + W * B rows), not L * W + W * B.
         return self.queue.values().chunk(world_size())[rank()]
@@ -110,18 +119,21 @@ class SwAV(Method):
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
         views = batch.views
         if len(views) < 2 or not 1 <= self.num_global_crops <= len(views):
-            raise ValueError(f"SwAV needs at least 2 views, num_global_crops={self.num_global_crops} of "
-                             f"them global; got {len(views)}")
+            raise ValueError(
+                f"SwAV needs at least 2 views, num_global_crops={self.num_global_crops} of "
+                f"them global; got {len(views)}"
+            )
         z = F.normalize(self.projector(encode_by_resolution(self.backbone, views)), dim=1)
         scores = self.prototypes(z).chunk(len(views))
         b = views[0].shape[0]
         queued = self.queued_embeddings()
         codes = [self.codes(scores[i], queued) for i in range(self.num_global_crops)]
         loss = swav_loss(scores, codes, temperature=self.temperature)
+        outputs = {"loss": loss, "z_std": feature_std_tensor(z[:b])}
         # Enqueued only in on_step_end: the forward never changes state.
         if self.queue is not None and step.epoch >= self.epoch_queue_starts:
-            self._pending.append(z[: self.num_global_crops * b].detach())
-        return {"loss": loss, "z_std": feature_std(z[:b])}
+            outputs["queue_embeddings"] = z[: self.num_global_crops * b]
+        return outputs
 
     def on_after_backward(self, step: StepInfo) -> None:
         # Frozen prototypes get no gradient at all, not a zero one, so that neither weight
@@ -130,9 +142,7 @@ class SwAV(Method):
             self.prototypes.weight.grad = None
 
     @torch.no_grad()
-    def on_step_end(self, step: StepInfo) -> None:
+    def on_step_end(self, step: StepInfo, outputs: StepOutputs) -> None:
         self.normalize_prototypes()
-        if self.queue is not None:
-            for embeddings in self._pending:
-                self.queue.enqueue(embeddings)
-        self._pending.clear()
+        if self.queue is not None and "queue_embeddings" in outputs:
+            self.queue.enqueue(outputs["queue_embeddings"])

@@ -9,9 +9,7 @@ from torch import nn
 
 
 @torch.no_grad()
-def update_ema(
-    student: nn.Module, teacher: nn.Module, momentum: float, copy_buffers: bool = True
-) -> None:
+def update_ema(student: nn.Module, teacher: nn.Module, momentum: float, copy_buffers: bool = True) -> None:
     """Move the teacher's parameters toward the student's: ``t = m * t + (1 - m) * s``.
 
     Parameters are paired in registration order and must have equal shapes (the teacher
@@ -26,8 +24,8 @@ def update_ema(
     """
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
-    s_params = list(student.parameters())
-    t_params = list(teacher.parameters())
+    s_params: list[torch.Tensor] = list(student.parameters())
+    t_params: list[torch.Tensor] = list(teacher.parameters())
     _check_pairs("parameters", s_params, t_params)
     if t_params:
         torch._foreach_mul_(t_params, momentum)
@@ -45,9 +43,7 @@ def _check_pairs(kind: str, student: list[torch.Tensor], teacher: list[torch.Ten
         raise ValueError(f"student has {len(student)} {kind}, teacher has {len(teacher)}")
     for i, (s, t) in enumerate(zip(student, teacher)):
         if s.shape != t.shape:
-            raise ValueError(
-                f"{kind} #{i}: student shape {tuple(s.shape)} != teacher {tuple(t.shape)}"
-            )
+            raise ValueError(f"{kind} #{i}: student shape {tuple(s.shape)} != teacher {tuple(t.shape)}")
 
 
 def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:

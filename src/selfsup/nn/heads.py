@@ -19,8 +19,14 @@ def _norm(kind: Norm, dim: int) -> list[nn.Module]:
     raise ValueError(f"unknown norm {kind!r} (bn, bn_noaffine or none)")
 
 
-def mlp_head(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
-             hidden_norm: Norm = "bn", output_norm: Norm = "none") -> nn.Sequential:
+def mlp_head(
+    in_dim: int,
+    hidden_dim: int,
+    out_dim: int,
+    num_layers: int = 2,
+    hidden_norm: Norm = "bn",
+    output_norm: Norm = "none",
+) -> nn.Sequential:
     """An MLP ``(B, in_dim) -> (B, out_dim)``: ``num_layers`` linear layers, each hidden one
     followed by ``hidden_norm`` and ReLU, the last optionally by ``output_norm``.
 
@@ -40,8 +46,11 @@ def mlp_head(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
     layers: list[nn.Module] = []
     dim = in_dim
     for _ in range(num_layers - 1):
-        layers += [nn.Linear(dim, hidden_dim, bias=hidden_norm == "none"), *_norm(hidden_norm, hidden_dim),
-                   nn.ReLU(inplace=True)]
+        layers += [
+            nn.Linear(dim, hidden_dim, bias=hidden_norm == "none"),
+            *_norm(hidden_norm, hidden_dim),
+            nn.ReLU(inplace=True),
+        ]
         dim = hidden_dim
     layers += [nn.Linear(dim, out_dim, bias=output_norm == "none"), *_norm(output_norm, out_dim)]
     return nn.Sequential(*layers)

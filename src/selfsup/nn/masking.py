@@ -28,9 +28,7 @@ __all__ = [
 ]
 
 
-def _devices(
-    generator: torch.Generator | None, device: torch.device | str | None
-) -> tuple[torch.device, torch.device]:
+def _devices(generator: torch.Generator | None, device: torch.device | str | None) -> tuple[torch.device, torch.device]:
     """Return (device to sample on, device of the result)."""
     sample_device = generator.device if generator is not None else torch.device("cpu")
     out_device = torch.device(device) if device is not None else sample_device
@@ -155,8 +153,7 @@ def fill_masked_tokens(visible: Tensor, mask: Tensor, mask_token: Tensor) -> Ten
         raise ValueError(f"batch mismatch: visible has {b} samples, mask has {mask.shape[0]}")
     if _visible_count(mask) != num_keep:
         raise ValueError(
-            f"mask has {_visible_count(mask)} visible patches per sample but {num_keep} "
-            "visible tokens were given"
+            f"mask has {_visible_count(mask)} visible patches per sample but {num_keep} visible tokens were given"
         )
     num_patches = mask.shape[1]
     _, ids_restore = mask_to_shuffle_indices(mask)

@@ -61,9 +61,7 @@ class FIFOQueue(nn.Module):
         References: He et al. 2020, "Momentum Contrast" (MoCo), arXiv:1911.05722.
         """
         if keys.ndim != 2 or keys.shape[1] != self.queue.shape[1]:
-            raise ValueError(
-                f"keys must be (B, {self.queue.shape[1]}), got {tuple(keys.shape)}"
-            )
+            raise ValueError(f"keys must be (B, {self.queue.shape[1]}), got {tuple(keys.shape)}")
         keys = concat_all_gather(keys).to(self.queue.dtype)
         n = keys.shape[0]
         if n == 0:
@@ -106,9 +104,7 @@ class IndexMemoryBank(nn.Module):
 
     bank: Tensor
 
-    def __init__(
-        self, num_samples: int, dim: int, generator: torch.Generator | None = None
-    ) -> None:
+    def __init__(self, num_samples: int, dim: int, generator: torch.Generator | None = None) -> None:
         """Create a bank of ``num_samples`` random unit vectors of width ``dim``.
 
         References: Wu et al. 2018, InstDisc, arXiv:1805.01978.
@@ -131,8 +127,7 @@ class IndexMemoryBank(nn.Module):
         """
         if features.ndim != 2 or index.shape != features.shape[:1]:
             raise ValueError(
-                f"index must be (B,) and features (B, D), got {tuple(index.shape)}, "
-                f"{tuple(features.shape)}"
+                f"index must be (B,) and features (B, D), got {tuple(index.shape)}, {tuple(features.shape)}"
             )
         index = concat_all_gather(index.to(self.bank.device, torch.long))
         features = concat_all_gather(features).to(self.bank.dtype)
@@ -146,9 +141,7 @@ class IndexMemoryBank(nn.Module):
         """
         return self.bank[index.to(self.bank.device, torch.long)].clone()
 
-    def sample_negatives(
-        self, n: int, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def sample_negatives(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Draw ``n`` rows uniformly with replacement: indices ``(n,)`` and features ``(n, D)``.
 
         Uniform noise is InstDisc's ``P_n = 1/N``. The generator, if given, must live on the
@@ -156,7 +149,5 @@ class IndexMemoryBank(nn.Module):
 
         References: Wu et al. 2018, InstDisc, arXiv:1805.01978.
         """
-        idx = torch.randint(
-            self.bank.shape[0], (n,), generator=generator, device=self.bank.device
-        )
+        idx = torch.randint(self.bank.shape[0], (n,), generator=generator, device=self.bank.device)
         return idx, self.bank[idx].clone()

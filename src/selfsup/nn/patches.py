@@ -92,9 +92,7 @@ def unpatchify(
     if height is None and width is None:
         side = math.isqrt(num_patches)
         if side * side != num_patches:
-            raise ValueError(
-                f"{num_patches} patches do not form a square grid; pass height and width"
-            )
+            raise ValueError(f"{num_patches} patches do not form a square grid; pass height and width")
         gh = gw = side
     elif height is not None and width is not None:
         gh, gw = height // patch_size, width // patch_size

@@ -314,8 +314,7 @@ class RandomColorJitter(nn.Module):
         super().__init__()
         if min(brightness, contrast, saturation, hue) < 0 or hue > 0.5:
             raise ValueError(
-                "jitter magnitudes must be >= 0 and hue <= 0.5, got "
-                f"{(brightness, contrast, saturation, hue)}"
+                f"jitter magnitudes must be >= 0 and hue <= 0.5, got {(brightness, contrast, saturation, hue)}"
             )
         self.brightness = float(brightness)
         self.contrast = float(contrast)

@@ -65,7 +65,7 @@ class ViewGroup(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         out = self.pipeline(images)
-        expected = (self.num_views * images.shape[0], images.shape[1])
+        expected: tuple[int, ...] = (self.num_views * images.shape[0], images.shape[1])
         if self.fixed_size:
             expected += (self.size, self.size)
         if tuple(out.shape[: len(expected)]) != expected:
@@ -112,9 +112,7 @@ class ViewRecipe(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor) -> list[Tensor]:
         if images.ndim != 4 or images.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected images of shape (B, {self.in_channels}, H, W), got {tuple(images.shape)}"
-            )
+            raise ValueError(f"expected images of shape (B, {self.in_channels}, H, W), got {tuple(images.shape)}")
         if not images.is_floating_point():
             images = to_float(images)
         return self.make_views(images)

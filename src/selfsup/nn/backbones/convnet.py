@@ -70,9 +70,7 @@ class ConvNet(nn.Module):
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
         if width < 1 or depth < 1 or in_channels < 1:
-            raise ValueError(
-                f"in_channels, width and depth must be >= 1, got {in_channels}, {width}, {depth}"
-            )
+            raise ValueError(f"in_channels, width and depth must be >= 1, got {in_channels}, {width}, {depth}")
         stages: list[nn.Module] = []
         channels = in_channels
         for i in range(depth):
@@ -94,9 +92,7 @@ class ConvNet(nn.Module):
             channels = out
         self.stages = nn.ModuleList(stages)
         # Ceil mode: a 7x7 map pools to 4x4 instead of dropping its last row and column.
-        self.pool: nn.Module = (
-            nn.MaxPool2d(2, ceil_mode=True) if pool == "max" else nn.AvgPool2d(2, ceil_mode=True)
-        )
+        self.pool: nn.Module = nn.MaxPool2d(2, ceil_mode=True) if pool == "max" else nn.AvgPool2d(2, ceil_mode=True)
         self.num_features: int = channels
         self._init_weights()
 

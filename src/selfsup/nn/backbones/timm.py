@@ -13,14 +13,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from selfsup.nn.backbones.protocol import feature_dim
 from selfsup.registry import BACKBONES
 
 __all__ = ["TimmBackbone", "timm_backbone"]
 
-_INSTALL_HINT = (
-    'the "timm" backbone needs the optional dependency timm; install it with '
-    '`pip install "selfsup[timm]"`'
-)
+_INSTALL_HINT = 'the "timm" backbone needs the optional dependency timm; install it with `pip install "selfsup[timm]"`'
 
 
 class TimmBackbone(nn.Module):
@@ -34,7 +32,7 @@ class TimmBackbone(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.num_features: int = int(getattr(model, "num_features"))
+        self.num_features: int = feature_dim(model)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return `(B, num_features)` features (timm's pooled output, flattened)."""

@@ -29,9 +29,7 @@ _POS_EMBEDS = ("sincos", "learned")
 _POOLS = ("cls", "avg")
 
 
-def sincos_pos_embed_2d(
-    embed_dim: int, grid_h: int, grid_w: int, device: torch.device | None = None
-) -> Tensor:
+def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int, device: torch.device | None = None) -> Tensor:
     """Return fixed 2-D sine-cosine position embeddings `(grid_h * grid_w, embed_dim)`.
 
     Rows follow the row-major patch order. As in the MAE reference code, the first half of
@@ -85,9 +83,7 @@ class PatchEmbed(nn.Module):
         """Return tokens `(B, (H / p) * (W / p), D)` in row-major patch order."""
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
-            raise ValueError(
-                f"image size {h}x{w} is not divisible by patch size {self.patch_size}"
-            )
+            raise ValueError(f"image size {h}x{w} is not divisible by patch size {self.patch_size}")
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -277,9 +273,7 @@ class VisionTransformer(nn.Module):
         if global_pool not in _POOLS:
             raise ValueError(f"global_pool must be one of {_POOLS}, got {global_pool!r}")
         if image_size % patch_size:
-            raise ValueError(
-                f"image_size {image_size} is not divisible by patch_size {patch_size}"
-            )
+            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         if depth < 0:
             raise ValueError(f"depth must be >= 0, got {depth}")
         self.patch_size = patch_size
@@ -305,8 +299,7 @@ class VisionTransformer(nn.Module):
 
         rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth else []
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=rate)
-            for rate in rates
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=rate) for rate in rates
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self._init_weights()
@@ -358,22 +351,18 @@ class VisionTransformer(nn.Module):
             return self.pos_embed
         cls_pos = self.pos_embed[:, :1]
         if self.pos_embed_type == "sincos":
-            patch_pos = sincos_pos_embed_2d(
-                self.embed_dim, grid_h, grid_w, device=self.pos_embed.device
-            ).to(self.pos_embed.dtype)
+            patch_pos = sincos_pos_embed_2d(self.embed_dim, grid_h, grid_w, device=self.pos_embed.device).to(
+                self.pos_embed.dtype
+            )
             return torch.cat([cls_pos, patch_pos.unsqueeze(0)], dim=1)
         gh, gw = self.grid_size
         grid = self.pos_embed[:, 1:].reshape(1, gh, gw, self.embed_dim).permute(0, 3, 1, 2)
         # Bicubic in float32: the op has no bfloat16 CPU kernel and autocast leaves it alone.
-        resized = F.interpolate(
-            grid.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False
-        ).to(grid.dtype)
+        resized = F.interpolate(grid.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False).to(grid.dtype)
         patch_pos = resized.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, self.embed_dim)
         return torch.cat([cls_pos, patch_pos], dim=1)
 
-    def _embed(
-        self, x: Tensor, keep_indices: Tensor | None = None, mask: Tensor | None = None
-    ) -> Tensor:
+    def _embed(self, x: Tensor, keep_indices: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """Return the input sequence `(B, 1 + L', D)` of the first block."""
         if keep_indices is not None and mask is not None:
             raise ValueError("pass keep_indices (MAE) or mask (SimMIM/BEiT/iBOT), not both")
@@ -397,18 +386,13 @@ class VisionTransformer(nn.Module):
         tokens = tokens + pos[:, 1:]
         if keep_indices is not None:
             if keep_indices.dim() != 2 or keep_indices.shape[0] != b:
-                raise ValueError(
-                    f"keep_indices must be ({b}, L_keep) patch indices, got "
-                    f"{tuple(keep_indices.shape)}"
-                )
+                raise ValueError(f"keep_indices must be ({b}, L_keep) patch indices, got {tuple(keep_indices.shape)}")
             index = keep_indices.to(torch.long).unsqueeze(-1).expand(-1, -1, dim)
             tokens = tokens.gather(1, index)
         cls = (self.cls_token + pos[:, :1]).to(tokens.dtype).expand(b, -1, -1)
         return torch.cat([cls, tokens], dim=1)
 
-    def forward_tokens(
-        self, x: Tensor, keep_indices: Tensor | None = None, mask: Tensor | None = None
-    ) -> Tensor:
+    def forward_tokens(self, x: Tensor, keep_indices: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """Return all tokens `(B, 1 + L', D)` after the final norm, class token first.
 
         Args:

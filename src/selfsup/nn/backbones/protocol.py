@@ -1,0 +1,61 @@
+"""Typed access to the backbone attributes that methods and tools read.
+
+``nn.Module.__getattr__`` is typed ``Tensor | Module``, so ``backbone.num_features`` or
+``vit.forward_tokens(...)`` on a plain ``nn.Module`` does not type-check. These helpers give
+the static types without changing anything at run time (no copies, no wrappers, no checks
+beyond what the attribute access itself does):
+
+* :func:`feature_dim` reads the pooled feature width every backbone declares.
+* :class:`TokenBackbone` is the ViT token API (implemented by ``VisionTransformer``), and
+  :func:`as_token_backbone` types a module as one for a method that has already checked it
+  (``selfsup.methods.base.check_token_backbone``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, SupportsInt, cast
+
+from torch import Tensor, nn
+
+__all__ = ["TokenBackbone", "as_token_backbone", "feature_dim"]
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """``int(backbone.num_features)``: the width ``D`` of the backbone's pooled `(B, D)` features.
+
+    Raises ``AttributeError`` when the backbone declares no ``num_features``.
+    """
+    return int(cast(SupportsInt, backbone.num_features))
+
+
+class TokenBackbone(Protocol):
+    """The token-level API of a Vision Transformer backbone (see ``VisionTransformer``).
+
+    Masked image modelling and attention maps need it; ``enable_mask_token`` only matters to
+    methods that pass ``mask=`` (SimMIM, BEiT, iBOT), ``get_last_self_attention`` only to
+    attention maps.
+    """
+
+    patch_size: int
+    grid_size: tuple[int, int]
+    num_patches: int
+    embed_dim: int
+    num_features: int
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Pooled features `(B, num_features)` of images `(B, C, H, W)`."""
+
+    def forward_tokens(self, x: Tensor, keep_indices: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """All tokens `(B, 1 + L', D)` after the final norm, class token first."""
+
+    def enable_mask_token(self) -> nn.Parameter:
+        """Create (if missing) and return the learned `(1, 1, D)` mask token."""
+
+    def get_last_self_attention(self, x: Tensor) -> Tensor:
+        """The last block's attention weights `(B, heads, 1 + L, 1 + L)`."""
+
+
+def as_token_backbone(backbone: nn.Module) -> TokenBackbone:
+    """``backbone`` itself, typed as a :class:`TokenBackbone` (a static cast: nothing is
+    checked, so check first, e.g. with ``check_token_backbone``)."""
+    return cast(TokenBackbone, backbone)
