@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def _measure(args: argparse.Namespace) -> dict[str, float]:
@@ -30,6 +31,7 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
     from selfsup.engine.loop import DataBatch, LoopSchedule, TrainingLoop
     from selfsup.engine.optim import build_optimizer
     from selfsup.engine.run import resolve_device
+    from selfsup.registry import METHODS
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -60,6 +62,21 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
     for key, value in json.loads(args.backbone_options).items():
         cfg.backbone[key] = value
     splits = Splits()
+    method_cls: Any = METHODS.get(args.method)
+    needs_frozen = [n for n in method_cls.frozen_models if n != "init"]
+    if needs_frozen:  # e.g. SEED's teacher: a backbone of the same architecture, as an earlier run
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        from selfsup.engine.build import build_backbone
+
+        folder = tempfile.mkdtemp(prefix="selfsup-bench-")
+        weights = {k: v.contiguous() for k, v in build_backbone(cfg, splits).state_dict().items()}  # type: ignore[arg-type]
+        meta = {"backbone": json.dumps(cfg.backbone), "in_channels": str(channels), "image_size": str(size)}
+        save_file(weights, f"{folder}/backbone.safetensors", metadata=meta)
+        for name in needs_frozen:
+            cfg.method[name] = {"run": folder}
     method = build_method(cfg, splits).to(device)  # type: ignore[arg-type]
     views = build_views(cfg, splits).to(device)  # type: ignore[arg-type]
     if args.channels_last:

@@ -39,6 +39,18 @@ FACTS = {
 }
 
 
+def _frozen_convnet(in_channels: int, image_size: int) -> torch.nn.Module:
+    """A loaded model as the engine passes it for a ``frozen_models`` option: frozen, in eval
+    mode, wider than the student (width 8) so that a head must bridge the two widths."""
+    model = BACKBONES.build("convnet", in_channels=in_channels, image_size=image_size, width=16)
+    return model.requires_grad_(False).eval()  # type: ignore[no-any-return]
+
+
+# Frozen models by option name, for the methods that need one (SEED's teacher); optional ones
+# such as finetune's ``init`` (which must match the backbone) keep their default.
+FROZEN = {"teacher": _frozen_convnet}
+
+
 def build(name: str, in_channels: int = 1, image_size: int = 16) -> Method:
     cls = METHODS.get(name)
     if cls.requires_token_backbone:  # masked image modelling drops or replaces patch tokens
@@ -50,6 +62,7 @@ def build(name: str, in_channels: int = 1, image_size: int = 16) -> Method:
     params = inspect.signature(cls).parameters
     kwargs = {k: v for k, v in SMALL.items() if k in params}
     kwargs.update({k: FACTS[k] for k in cls.engine_facts})
+    kwargs.update({k: FROZEN[k](in_channels, image_size) for k in cls.frozen_models if k in FROZEN})
     return cls(backbone=backbone, **kwargs)  # type: ignore[no-any-return]
 
 

@@ -2,7 +2,7 @@
 
 from selfsup.losses.clustering import swav_loss
 from selfsup.losses.contrastive import info_nce, moco_v3_loss, nt_xent
-from selfsup.losses.distillation import dino_center_update, dino_loss, koleo_loss
+from selfsup.losses.distillation import dino_center_update, dino_loss, koleo_loss, seed_loss
 from selfsup.losses.masked import masked_l1, masked_mse
 from selfsup.losses.metric import (
     contrastive_pair_loss,
@@ -33,6 +33,7 @@ __all__ = [
     "nce_loss",
     "negative_cosine",
     "nt_xent",
+    "seed_loss",
     "soft_nearest_neighbour_loss",
     "swav_loss",
     "triplet_loss",

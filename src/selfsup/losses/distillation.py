@@ -1,4 +1,5 @@
-"""Self-distillation losses: DINO's centred cross-entropy, its centre update, KoLeo."""
+"""Self-distillation losses: DINO's centred cross-entropy, its centre update, KoLeo, and SEED's
+cross-entropy of similarity distributions over a queue."""
 
 from __future__ import annotations
 
@@ -80,3 +81,42 @@ def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
         nearest = sim.argmax(dim=1)
     distances = (x - x[nearest]).norm(dim=1)
     return -torch.log(distances + eps).mean()
+
+
+@full_precision
+def seed_loss(
+    student: Tensor,
+    teacher: Tensor,
+    queue: Tensor,
+    student_temperature: float = 0.2,
+    teacher_temperature: float = 1e-4,
+) -> Tensor:
+    """Compute SEED's cross-entropy between teacher and student similarity distributions.
+
+    Each sample's scores are taken over ``D+ = [t_i; queue]``, its own teacher embedding first:
+    ``p_T = softmax([t_i . t_i, t_i . Q] / teacher_temperature)`` (detached: the teacher is
+    frozen) and ``log p_S = log_softmax([s_i . t_i, s_i . Q] / student_temperature)``; the loss
+    is ``-sum_j p_T log p_S`` averaged over the batch. As ``teacher_temperature -> 0`` and with
+    no queue row near ``t_i``, ``p_T`` is one-hot on ``t_i`` and the loss is InfoNCE of ``s_i``
+    against its teacher embedding with the queue as negatives.
+
+    Args:
+        student: ``(B, D)`` L2-normalised student embeddings (after the projection head).
+        teacher: ``(B, D)`` L2-normalised teacher embeddings of the same images.
+        queue: ``(K, D)`` L2-normalised past teacher embeddings (``K >= 0``).
+        student_temperature: ``tau_S``; default 0.2, the authors' code (``--temp``).
+        teacher_temperature: ``tau_T``; default 1e-4, the authors' code (``--distill-t``).
+
+    References: Fang et al. 2021, "SEED: Self-supervised Distillation For Visual
+    Representation", ICLR 2021, arXiv:2101.04731 (code: github.com/jacobswan1/SEED).
+    """
+    if student.ndim != 2 or student.shape != teacher.shape or queue.ndim != 2 or queue.shape[1] != student.shape[1]:
+        raise ValueError(
+            f"student and teacher must be (B, D) and queue (K, D), got {tuple(student.shape)}, "
+            f"{tuple(teacher.shape)}, {tuple(queue.shape)}"
+        )
+    teacher, queue = teacher.detach(), queue.detach()
+    teacher_logits = torch.cat([(teacher * teacher).sum(dim=1, keepdim=True), teacher @ queue.T], dim=1)
+    student_logits = torch.cat([(student * teacher).sum(dim=1, keepdim=True), student @ queue.T], dim=1)
+    targets = F.softmax(teacher_logits / teacher_temperature, dim=1)
+    return -(targets * F.log_softmax(student_logits / student_temperature, dim=1)).sum(dim=1).mean()
