@@ -30,9 +30,9 @@ data:
 
 demo: setup data
 	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
-	  $(BIN)/selfsup pretrain configs/simclr/fashion_mnist.yaml run.name=demo-simclr-fashion-mnist $(ARGS); \
+	  $(BIN)/selfsup pretrain configs/simclr/fashion_mnist.yaml run.name=demo-simclr-fashion-mnist run.overwrite=true $(ARGS); \
 	else echo "Fashion-MNIST not found under $(FMNIST): running the demo on scikit-learn's digits"; \
-	  $(BIN)/selfsup pretrain configs/simclr/digits.yaml run.name=demo-simclr-digits $(ARGS); fi
+	  $(BIN)/selfsup pretrain configs/simclr/digits.yaml run.name=demo-simclr-digits run.overwrite=true $(ARGS); fi
 
 # Style, types and the layer contract (DESIGN.md): each must report nothing.
 lint: setup

@@ -50,7 +50,7 @@ def test_pretrain_writes_a_complete_run_folder_and_eval_reads_it(
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("knn_top1" in r for r in records)
     results = json.loads((run / "results.json").read_text())
-    assert set(results) == {"simclr (convnet)", "random-init convnet", "raw pixels"}
+    assert set(results) == {"simclr (convnet)", "random-init convnet", "raw pixels", "HOG"}
     for metrics in results.values():
         assert {"knn_top1@20", "knn_top1@200", "linear_top1"} <= set(metrics)
     out = capsys.readouterr().out

@@ -76,3 +76,13 @@ def test_switching_component_drops_other_defaults() -> None:
     assert cfg.options("method") == {}
     cfg = load_config(None, ["method.name=byol"])
     assert cfg.method == {"name": "byol"}
+
+
+def test_numbers_follow_yaml_1_2_in_overrides_and_files(tmp_path: Path) -> None:
+    """``1e-3`` is a float (YAML 1.1, PyYAML's default, would read it as a string)."""
+    cfg = load_config(None, ["optim.lr=1e-3", "optim.betas=[0.9, 9.5E-1]"])
+    assert cfg.optim.lr == 0.001 and cfg.optim.betas == (0.9, 0.95)
+    path = tmp_path / "c.yaml"
+    path.write_text("optim: {lr: 2e-4, weight_decay: 5e-2}\nrun: {name: 1e3x}\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == 0.0002 and cfg.optim.weight_decay == 0.05 and cfg.run.name == "1e3x"

@@ -1,6 +1,7 @@
 """Command line: ``selfsup pretrain | resume | eval | list | visualize``.
 
 selfsup pretrain configs/simclr/fashion_mnist.yaml train.epochs=5 method.temperature=0.2
+selfsup pretrain simclr/fashion_mnist train.epochs=5                # a shipped config by name
 selfsup pretrain configs/simclr/fashion_mnist.yaml --nproc 4       # 4 processes (torchrun)
 torchrun --nproc_per_node 4 -m selfsup.cli pretrain configs/simclr/fashion_mnist.yaml
 selfsup resume runs/simclr-fashion-mnist-20261123-101500
@@ -8,18 +9,28 @@ selfsup eval knn runs/simclr-fashion-mnist-20261123-101500
 selfsup eval linear runs/.../checkpoints/last.pt eval.linear_epochs=50
 selfsup list methods
 selfsup visualize attention runs/dino-... --images 0 1 2
+
+Every expected failure prints one line, ``error: <what> (<fix>)``, and exits with its class's
+code: 2 config, 3 data, 4 checkpoint or run folder, 5 diverged training, 6 disk full, 130 /
+143 interrupted by SIGINT / SIGTERM (after saving a checkpoint). ``--debug`` or
+``SELFSUP_DEBUG=1`` shows the traceback instead (docs/faults.md lists the faults).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from selfsup.config import ConfigError, apply_overrides, from_dict, load_config
+from selfsup.config import ConfigError, apply_overrides, from_dict, load_config, resolve_config_path, shipped_configs
+from selfsup.errors import RunInterrupted, SelfsupError, StorageError
 
 if TYPE_CHECKING:
     import torch
@@ -30,25 +41,29 @@ if TYPE_CHECKING:
 
 def _launch(args: argparse.Namespace, target: str, command: str) -> int | None:
     """Starts ``--nproc`` workers running this command (``None``: run in this process)."""
-    if args.nproc <= 1:
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc} is out of range (it must be >= 1)")
+    if args.nproc == 1:
         return None
     from selfsup.engine.launch import launch_local, under_launcher
 
     if under_launcher():
-        print(
-            "error: --nproc starts processes itself; under torchrun leave it out "
-            "(torchrun's --nproc_per_node sets the process count)",
-            file=sys.stderr,
+        raise ConfigError(
+            "--nproc starts processes itself; under torchrun leave it out "
+            "(torchrun's --nproc_per_node sets the process count)"
         )
-        return 2
     return launch_local(args.nproc, target, args.overrides, command)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from selfsup.engine.run import pretrain
 
-    cfg = load_config(args.config, args.overrides)  # config errors show before any process starts
-    launched = _launch(args, args.config, "pretrain")
+    config = str(resolve_config_path(args.config))  # a shipped config's name works too
+    cfg = load_config(config, args.overrides)  # config errors show before any process starts
+    from selfsup.engine.run import resolve_device
+
+    resolve_device(cfg.train.device)
+    launched = _launch(args, config, "pretrain")
     if launched is not None:
         return launched
     pretrain(cfg, command=_command_line())
@@ -97,11 +112,14 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from selfsup.engine.run import pretrain
 
     state = load_checkpoint(args.run)  # errors show before any process starts
+    tree = apply_overrides(state["config"], list(args.overrides))
+    tree["run"] = {**tree.get("run", {}), "resume": str(args.run), "overwrite": False}
+    from_dict(tree)  # config errors show before any process starts
     launched = _launch(args, str(args.run), "resume")
     if launched is not None:
         return launched
     tree = apply_overrides(state["config"], _keep_global_batch(state, list(args.overrides)))
-    tree["run"] = {**tree.get("run", {}), "resume": str(args.run)}
+    tree["run"] = {**tree.get("run", {}), "resume": str(args.run), "overwrite": False}
     pretrain(from_dict(tree), command=_command_line())
     return 0
 
@@ -109,7 +127,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from selfsup.engine.build import build_components
     from selfsup.engine.checkpoint import load_checkpoint
-    from selfsup.engine.evaluation import evaluate_encoder, format_table, raw_pixel_metrics
+    from selfsup.engine.evaluation import baseline_rows, evaluate_encoder, format_table
     from selfsup.engine.run import resolve_device
 
     state = load_checkpoint(args.run)
@@ -140,9 +158,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         metrics = {k: v for k, v in metrics.items() if k.startswith("linear")}
     rows[f"{cfg.method['name']} ({cfg.backbone['name']})"] = metrics
     if args.baselines:
-        rows["raw pixels"] = raw_pixel_metrics(
-            splits.train, splits.test, splits.num_classes, parts.eval_views, cfg.eval, device
-        )
+        rows.update(baseline_rows(splits.train, splits.test, splits.num_classes, parts.eval_views, cfg.eval, device))
     print(format_table(rows, f"{splits.name} test set, top-1 (%)"))
     if args.json:
         print(json.dumps(rows))
@@ -202,6 +218,10 @@ def _finetune(args: argparse.Namespace, cfg: Config, parts: Components, device: 
 def _cmd_list(args: argparse.Namespace) -> int:
     from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEW_RECIPES
 
+    if args.what == "configs":
+        for name in shipped_configs():
+            print(name)
+        return 0
     registry = {"methods": METHODS, "backbones": BACKBONES, "datasets": DATASETS, "views": VIEW_RECIPES}[args.what]
     for name in registry.names():
         print(name)
@@ -212,10 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfsup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also: SELFSUP_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain an encoder from a YAML config")
-    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("config", help="YAML config file, or a shipped config's name such as simclr/fashion_mnist")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
     p.add_argument(
         "--nproc",
@@ -237,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("protocol", choices=["knn", "linear", "finetune"])
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.knn_k=[10,20]")
-    p.add_argument("--baselines", action="store_true", help="also evaluate raw pixels")
+    p.add_argument("--baselines", action="store_true", help="also evaluate raw pixels and HOG")
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     p.add_argument(
         "--from-scratch",
@@ -251,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.configure_parser(sub.add_parser("report", help="results tables generated from run folders"))
 
     p = sub.add_parser("list", help="list registered components")
-    p.add_argument("what", choices=["methods", "backbones", "datasets", "views"])
+    p.add_argument("what", choices=["methods", "backbones", "datasets", "views", "configs"])
     p.set_defaults(func=_cmd_list)
 
     from selfsup import visualize  # light: torch is imported only when a command runs
@@ -262,13 +283,106 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with options and dotted overrides in any order: ``pretrain CFG
+    --nproc 2 train.epochs=3`` and ``pretrain CFG train.epochs=3 --nproc 2`` are the same.
+
+    (argparse's ``parse_intermixed_args`` refuses sub-commands, so the overrides a
+    sub-command's positional list did not take are appended to it here, in order.)
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if "--debug" in extra:  # given after the sub-command
+        extra.remove("--debug")
+        args.debug = True
+    if extra:
+        unknown = [e for e in extra if e.startswith("-") or not hasattr(args, "overrides")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def one_line(err: BaseException) -> str:
+    """``err``'s message as one line: a DataLoader worker's wrapped error gives its original
+    message, other multi-line messages their first line."""
+    text = str(err).strip() or type(err).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Original Traceback" in text and lines:  # torch re-raises a worker's error with its traceback
+        last = lines[-1]
+        head, sep, rest = last.partition(": ")
+        return rest if sep and "." in head and " " not in head else last
+    return lines[0] if lines else type(err).__name__
+
+
+def _storage_error(err: OSError) -> StorageError | None:
+    """A full disk (or quota, or read-only file system) anywhere in a command as one error."""
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return None
+    where = f" writing {err.filename!r}" if err.filename else ""
+    return StorageError(f"{os.strerror(err.errno).lower()}{where} (free space, or set run.out_dir to another disk)")
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM outside the training steps (which save a checkpoint first) stops the command
+    like Ctrl-C does, with exit code 143."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise RunInterrupted("SIGTERM received: stopped (nothing to save at this point)", signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        return int(args.func(args) or 0)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _wrap_visualize(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``selfsup visualize``: a run of the wrong kind or an image index out of range is a
+    usage error (exit 2), not a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (TypeError, ValueError, IndexError, FileNotFoundError) as err:
+            if isinstance(err, SelfsupError):
+                raise
+            raise ConfigError(f"visualize: {one_line(err)}") from err
+
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    debug = args.debug or os.environ.get("SELFSUP_DEBUG", "") not in ("", "0")
+    func = _wrap_visualize(args.func) if args.command == "visualize" else args.func
+    try:
+        with _sigterm_as_interrupt():
+            return int(func(args) or 0)
+    except KeyboardInterrupt:
+        err: BaseException = RunInterrupted("interrupted (Ctrl-C)", signal.SIGINT)
+        if debug:
+            raise
+    except SelfsupError as known:
+        if debug:
+            raise
+        err = known
+    except OSError as os_err:
+        storage = _storage_error(os_err)
+        if storage is None or debug:
+            raise
+        err = storage
+    except FloatingPointError as diverged:  # the training loop's NonFiniteLossError outside a run
+        if debug:
+            raise
+        err = diverged
+    code = getattr(err, "exit_code", 5 if isinstance(err, FloatingPointError) else 1)
+    print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+    return int(code)
 
 
 if __name__ == "__main__":

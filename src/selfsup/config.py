@@ -25,6 +25,25 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from selfsup.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "EvalConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "check_options",
+    "dump_config",
+    "from_dict",
+    "load_config",
+    "resolve_config_path",
+    "validate_values",
+    "yaml_load",
+]
+
 
 class _Loader(yaml.SafeLoader):
     """YAML with the 1.2 core schema's numbers: ``1e-3`` is a float (YAML 1.1, PyYAML's
@@ -48,10 +67,6 @@ _Loader.add_implicit_resolver(
 def yaml_load(text: str) -> Any:
     """Parses YAML text with YAML 1.2 number rules (see ``_Loader``)."""
     return yaml.load(text, Loader=_Loader)
-
-
-class ConfigError(ValueError):
-    """A config key is unknown, has a wrong type or an invalid value."""
 
 
 @dataclass
@@ -162,12 +177,15 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     """Where a run lives. ``resume``: ``None``, ``"auto"`` (latest checkpoint of this run
-    folder if any) or a checkpoint path."""
+    folder if any) or a checkpoint path. A run folder that already holds files is refused
+    unless ``resume`` is ``"auto"`` (continue it) or ``overwrite`` is true (replace the run's
+    files in it)."""
 
     out_dir: str = "runs"
     name: str | None = None
     resume: str | None = None
     tensorboard: bool = True
+    overwrite: bool = False
 
 
 ENGINE_SECTIONS: dict[str, type] = {
@@ -407,16 +425,115 @@ def from_dict(tree: Mapping[str, Any]) -> Config:
                 raise _unknown_key(f"{section}.{key}", names, f"section {section!r}")
             kwargs[key] = coerce(item, hints[key], f"{section}.{key}")
         setattr(cfg, section, cls(**kwargs))
+    validate_values(cfg)
     return cfg
 
 
+# ---------------------------------------------------------------------------- value ranges
+#: ``(section.key, test, what the value must be)`` for every engine option with a range.
+_RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.weight_decay_end", lambda v: v is None or v >= 0, ">= 0, or null"),
+    ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.betas", lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    ("optim.lars_eta", lambda v: v > 0, "> 0"),
+    ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("optim.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optim.clip_grad", lambda v: v >= 0, ">= 0; 0 = no clipping"),
+    ("train.epochs", lambda v: v > 0, "> 0"),
+    ("train.max_steps", lambda v: v is None or v >= 1, ">= 1, or null to let the epochs decide"),
+    ("train.batch_size", lambda v: v >= 1, ">= 1"),
+    ("train.accum_steps", lambda v: v >= 1, ">= 1"),
+    ("train.ema_momentum", lambda v: v is None or all(0 <= m <= 1 for m in v), "two numbers in [0, 1], or null"),
+    ("train.checkpoint_every", lambda v: v >= 0, ">= 0; 0 = at epoch ends only"),
+    ("train.log_every", lambda v: v >= 1, ">= 1"),
+    ("train.knn_every", lambda v: v >= 0, ">= 0; 0 = off"),
+    ("train.knn_samples", lambda v: v >= 1, ">= 1"),
+    ("train.num_workers", lambda v: v >= 0, ">= 0"),
+    ("train.threads", lambda v: v >= 0, ">= 0; 0 = PyTorch's default"),
+    ("eval.knn_k", lambda v: len(v) > 0 and all(k >= 1 for k in v), "a non-empty list of integers >= 1"),
+    ("eval.knn_temperature", lambda v: v > 0, "> 0"),
+    ("eval.linear_epochs", lambda v: v >= 1, ">= 1"),
+    ("eval.batch_size", lambda v: v >= 1, ">= 1"),
+    ("eval.finetune_epochs", lambda v: v >= 1, ">= 1"),
+    ("eval.finetune_batch_size", lambda v: v >= 1, ">= 1"),
+    ("eval.finetune_lr", lambda v: v > 0, "> 0"),
+    ("eval.finetune_weight_decay", lambda v: v >= 0, ">= 0"),
+    ("eval.finetune_layer_decay", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("eval.finetune_label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("eval.finetune_warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("eval.finetune_label_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
+]
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+
+
+def validate_values(cfg: Config) -> None:
+    """Checks the range of every engine option (types are already checked) and the form of
+    ``train.device``; raises ``ConfigError`` naming the option and the valid range. Whether
+    the device exists is checked when the run starts (``selfsup.engine.run.resolve_device``),
+    before any data is loaded."""
+    for key, ok, rule in _RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r} is out of range (it must be {rule})")
+    if not _DEVICE.match(cfg.train.device):
+        raise ConfigError(f"train.device={cfg.train.device!r} is not a device (use auto, cpu, cuda or cuda:<index>)")
+    if cfg.train.batch_size % cfg.train.accum_steps:
+        raise ConfigError(
+            f"train.batch_size ({cfg.train.batch_size}) must be divisible by "
+            f"train.accum_steps ({cfg.train.accum_steps})"
+        )
+    if cfg.run.resume is not None and cfg.run.overwrite:
+        raise ConfigError("run.overwrite=true and run.resume are exclusive (overwrite starts afresh; drop one)")
+
+
+# ---------------------------------------------------------------------------- shipped configs
+def _config_dirs() -> list[Path]:
+    """Where shipped configs live: the repository checkout this package runs from (an
+    editable install or ``PYTHONPATH=src``), then the data files of a regular install
+    (``<prefix>/share/selfsup/configs``, see ``[tool.setuptools.data-files]``)."""
+    import sys
+    import sysconfig
+
+    dirs = [Path(__file__).resolve().parents[2] / "configs"]
+    for prefix in (sysconfig.get_path("data"), sys.prefix, sys.base_prefix):
+        dirs.append(Path(prefix) / "share" / "selfsup" / "configs")
+    return [d for d in dict.fromkeys(dirs) if d.is_dir()]
+
+
+def shipped_configs() -> list[str]:
+    """The names (``<method>/<dataset>``) of the configs that ship with selfsup."""
+    names: set[str] = set()
+    for folder in _config_dirs():
+        names.update(str(p.relative_to(folder).with_suffix("")) for p in folder.glob("*/*.yaml"))
+    return sorted(names)
+
+
+def resolve_config_path(spec: str | Path) -> Path:
+    """A config file from a path, or from a shipped config's name (``simclr/fashion_mnist``,
+    with or without ``.yaml``, optionally starting with ``configs/``); a path that exists wins."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    name = str(spec).removeprefix("configs/").removesuffix(".yaml")
+    if re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", name):
+        for folder in _config_dirs():
+            candidate = folder / f"{name}.yaml"
+            if candidate.is_file():
+                return candidate
+    close = difflib.get_close_matches(name, shipped_configs(), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else " (`selfsup list configs` lists the shipped ones)"
+    raise ConfigError(f"config file {str(spec)!r} does not exist and is not a shipped config name{hint}")
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Reads a YAML config (or starts from defaults) and applies dotted overrides."""
+    """Reads a YAML config (a path or a shipped config's name such as ``simclr/digits``; or
+    starts from defaults) and applies dotted overrides."""
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+        path = resolve_config_path(path)
         try:
             loaded = yaml_load(path.read_text())
         except yaml.YAMLError as err:

@@ -519,3 +519,44 @@ def test_build_data_registry_and_unknown_kwarg() -> None:
     with pytest.raises(DataError, match="needs path="):
         build_data("npz")
     assert build_data("digits", limit=20).summary().startswith("digits: pretrain=20")
+
+
+def test_sixteen_bit_png_is_scaled_not_saturated(tmp_path: Path) -> None:
+
+    from selfsup.data import ImageFolderDataset
+
+    ramp = (np.arange(16 * 16, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    ds = ImageFolderDataset([str(tmp_path / "deep.png")], None, image_size=16, mode="L")
+    image = ds.load(0)[0]
+    assert torch.equal(image, torch.arange(256, dtype=torch.uint8).reshape(16, 16))
+
+
+def test_skipped_images_are_counted_and_listed_in_the_run_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+
+    from selfsup.engine.run import PretrainRun
+    from tests.conftest import tiny_config
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(40):
+        Image.new("L", (10, 10), color=i * 5).save(root / f"ok{i:02d}.png")
+    for i in range(3):
+        (root / f"bad{i}.png").write_bytes(b"broken")
+    run = PretrainRun(
+        tiny_config(
+            tmp_path / "runs",
+            "simclr",
+            "data.name=image-folder",
+            f"data.root={root}",
+            "data.image_size=8",
+            "train.batch_size=16",
+            "train.max_steps=2",
+        )
+    )
+    run.fit()
+    listed = (run.run_dir / "skipped.txt").read_text().split()
+    assert listed == [str(root / f"bad{i}.png") for i in range(3)]
+    assert "skipped 3 unreadable image(s) of 43" in capsys.readouterr().err

@@ -391,6 +391,6 @@ def test_cli_nproc_reports_a_failed_worker(tmp_path: Path) -> None:
         f"run: {{out_dir: '{tmp_path / 'runs'}', name: broken}}\n"
     )
     before = signal.getsignal(signal.SIGINT)
-    assert cli.main(["pretrain", str(config), "--nproc", "2"]) == 1
+    assert cli.main(["pretrain", str(config), "--nproc", "2"]) == 3  # the workers' DataError
     assert signal.getsignal(signal.SIGINT) is before
     assert not (tmp_path / "runs" / "broken").exists()

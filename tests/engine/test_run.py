@@ -156,3 +156,87 @@ def test_gradient_accumulation_matches_full_batch(tmp_path: Path) -> None:
     for key in one:
         assert torch.allclose(one[key], two[key], atol=1e-6), key
     assert any(not torch.equal(one[k], init[k]) for k in one), "the step changed nothing"
+
+
+def test_a_crafted_checkpoint_runs_no_code(tmp_path: Path) -> None:
+    """A pickle that would run a command when unpickled is refused, and the command never runs."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"method": {}, "step": Exploit()}, evil)
+    with pytest.raises(CheckpointError, match="refusing to load .*would call .*open"):
+        load_checkpoint(evil)
+    torch.save({"method": {}, "step": Exploit()}, evil, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
+def test_run_folder_is_refused_unless_resumed_or_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = PretrainRun(tiny_config(tmp_path, "simclr", "train.max_steps=2"))
+    first.fit()
+    before = (first.run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match="is not empty.*run.overwrite=true"):
+        PretrainRun(tiny_config(tmp_path, "simclr", "train.max_steps=2"))
+    assert (first.run_dir / "metrics.jsonl").read_text() == before
+    # A killed checkpoint write left a temporary file: the next run removes it.
+    stale = first.run_dir / "checkpoints" / ".last.pt.abc123.tmp"
+    stale.write_bytes(b"half")
+    again = PretrainRun(tiny_config(tmp_path, "simclr", "train.max_steps=3", "run.overwrite=true"))
+    assert not stale.exists() and not (again.run_dir / "metrics.jsonl").read_text()
+    again.fit()
+    assert sorted(_losses(again.run_dir)) == [0, 1, 2]
+    # Resuming with another schedule says so in one line.
+    capsys.readouterr()
+    resumed = PretrainRun(tiny_config(tmp_path, "simclr", "train.max_steps=5", "run.resume=auto"))
+    out = capsys.readouterr().out
+    assert resumed.start_step == 3 and "total steps 3 -> 5" in out and "train.max_steps 3 -> 5" in out
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path: Path) -> None:
+    from selfsup.errors import TrainingError
+
+    trainer = PretrainRun(tiny_config(tmp_path, "simclr", "train.max_steps=6", "train.checkpoint_every=1"))
+    original = trainer.loop.step
+
+    def explode(data, info):  # type: ignore[no-untyped-def]
+        parts = original(data, info)
+        if info.step == 2:
+            next(trainer.method.parameters()).data.fill_(math.inf)
+        return parts
+
+    trainer.loop.step = explode  # type: ignore[method-assign]
+    with pytest.raises(
+        TrainingError, match=r"non-finite values after step 2 in method\..*last good checkpoint.*step 2"
+    ):
+        trainer.fit()
+    state = load_checkpoint(trainer.run_dir)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["method"].values() if v.is_floating_point())
+
+
+def test_disk_full_is_a_storage_error_naming_the_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from selfsup.errors import StorageError
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.zeros(1000)})
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(StorageError, match=r"no space left on device writing checkpoint .*last\.pt.*3\.9 KB"):
+        save_checkpoint(path, {"step": 2, "w": torch.zeros(1000)})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1 and [p.name for p in path.parent.iterdir()] == ["last.pt"]

@@ -19,15 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from selfsup.errors import DataError
+
 #: One sample: ``(image uint8 (C, H, W), label (-1 if unknown), index in the dataset)``.
 Sample = tuple[Tensor, int, int]
 
 #: One batch: ``(images uint8 (B, C, H, W), labels int64 (B,), indices int64 (B,))``.
 BatchTriple = tuple[Tensor, Tensor, Tensor]
-
-
-class DataError(ValueError):
-    """Bad input data or arguments; the message names the path or key and how to fix it."""
 
 
 class ImageDataset(Dataset, abc.ABC):
@@ -237,13 +235,14 @@ def resize_images(images: Tensor, size: int, chunk: int = 4096) -> Tensor:
 
 
 def channel_stats(
-    dataset: ImageDataset, max_samples: int = 10_000, seed: int = 0
+    dataset: ImageDataset, max_samples: int = 10_000, seed: int = 0, require_readable: bool = False
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of a dataset's images scaled to [0, 1].
 
     Uses a seeded random sample of at most ``max_samples`` images (all of them when the
     dataset is smaller); samples that fail to decode are ignored. With no readable image it
-    returns mean 0 and std 1 (normalisation becomes the identity).
+    returns mean 0 and std 1 (normalisation becomes the identity), or, with
+    ``require_readable``, raises :class:`DataError` (a data set nothing can be learnt from).
 
     Returns:
         ``(mean, std)``, each a tuple of ``C`` floats.
@@ -274,6 +273,14 @@ def channel_stats(
                 hist[ch] += torch.bincount(sample[0][ch].reshape(-1), minlength=256)
     count = int(hist[0].sum())
     if count == 0:
+        if require_readable and len(idx):
+            path = getattr(dataset, "path", None)
+            first = f" (first: {path(int(idx[0]))!r})" if callable(path) else ""
+            which = f"the {n}" if len(idx) == n else f"{len(idx)} sampled of the {n}"
+            raise DataError(
+                f"none of {which} images could be decoded{first}; nothing to train on "
+                "(check the files, e.g. with PIL, or point data.root at readable images)"
+            )
         return (0.0,) * c, (1.0,) * c
     values = torch.arange(256, dtype=torch.float64) / 255.0
     mean = hist.to(torch.float64) @ values / count

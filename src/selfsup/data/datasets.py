@@ -76,7 +76,7 @@ def _finish(
     pretrain, train, test = subsets
     if same:
         train = pretrain
-    mean, std = channel_stats(pretrain, max_samples=stats_samples, seed=seed)
+    mean, std = channel_stats(pretrain, max_samples=stats_samples, seed=seed, require_readable=True)
     return DataSplits(
         name=name,
         pretrain=pretrain,
@@ -318,6 +318,21 @@ def _detect_mode(paths: Sequence[str]) -> str:
     raise DataError(f"mode='auto': none of the {len(paths)} images could be read (first: {paths[0]!r})")
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (PNG, TIFF: modes ``I;16*`` and ``I``) scaled to 8 bits.
+
+    PIL's own conversion of these modes to ``L`` clips at 255, which turns nearly every
+    16-bit image white; here 0..65535 maps to 0..255 (rounded). A 32-bit ``I`` image with
+    values beyond 16 bits is scaled by its maximum.
+    """
+    if not (img.mode.startswith("I;16") or img.mode == "I"):
+        return img
+    array = np.asarray(img).astype(np.float64)
+    top = 65535.0 if array.size == 0 or array.max() <= 65535 else float(array.max())
+    scaled = np.rint(np.clip(array, 0, None) * (255.0 / top)).astype(np.uint8)
+    return Image.fromarray(scaled)  # uint8 (H, W): mode "L"
+
+
 class ImageFolderDataset(ImageDataset):
     """Images decoded lazily from files with PIL, resized and center-cropped to a square.
 
@@ -408,6 +423,7 @@ class ImageFolderDataset(ImageDataset):
             # draft lets JPEG decode at a reduced scale (still >= size): big photos decode
             # several times faster.
             img.draft(self.mode, (size, size))
+            img = _to_8bit(img)
             if img.mode == "P" and "transparency" in img.info:
                 img = img.convert("RGBA")  # PIL warns converting such palettes directly
             if img.mode != self.mode:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from selfsup.config import Config, ConfigError, check_options
-from selfsup.data import DataSplits, ImageDataset
+from selfsup.data import DataError, DataSplits, ImageDataset
 from selfsup.methods.base import ENGINE_FACTS, Method
 from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEW_RECIPES, RegistryError
 
@@ -33,18 +34,45 @@ def _factory(registry: Any, name: Any, section: str) -> Any:
 
 def validate_components(cfg: Config) -> None:
     """Checks every component section against its factory's signature (raises ConfigError)."""
-    check_options(_factory(DATASETS, cfg.data["name"], "data"), cfg.options("data"), "data")
+    check_options(_factory(DATASETS, cfg.data["name"], "data"), cfg.options("data"), "data", require=True)
     check_options(
         _factory(BACKBONES, cfg.backbone["name"], "backbone"), cfg.options("backbone"), "backbone", BACKBONE_RESERVED
     )
     method_cls = _factory(METHODS, cfg.method["name"], "method")
     check_options(method_cls, cfg.options("method"), "method", METHOD_RESERVED)
-    check_options(_factory(VIEW_RECIPES, view_recipe_name(cfg), "views"), cfg.options("views"), "views", VIEWS_RESERVED)
-    if cfg.train.batch_size % cfg.train.accum_steps:
-        raise ConfigError(
-            f"train.batch_size ({cfg.train.batch_size}) must be divisible by "
-            f"train.accum_steps ({cfg.train.accum_steps})"
-        )
+    views = _factory(VIEW_RECIPES, view_recipe_name(cfg), "views")
+    view_options = check_options(views, cfg.options("views"), "views", VIEWS_RESERVED)
+    for section in ("method", "views"):
+        for key, value in cfg.options(section).items():
+            if _is_temperature(key) and isinstance(value, (int, float)) and not value > 0:
+                raise ConfigError(f"{section}.{key}={value!r} is out of range (a temperature must be > 0)")
+    # The recipe checks its own options (crop scales, probabilities) when built; building it
+    # on a stand-in image geometry draws no random numbers and needs no data.
+    with _as_config_error("views"):
+        views(image_size=32, in_channels=3, mean=(0.5,) * 3, std=(0.25,) * 3, **view_options)
+
+
+def _is_temperature(key: str) -> bool:
+    return key == "temperature" or key.endswith(("_temperature", "_temp"))
+
+
+@contextlib.contextmanager
+def _as_config_error(section: str) -> Iterator[None]:
+    """A factory's own argument checks (``ValueError``) become a ``ConfigError`` naming the
+    config section; a missing optional package becomes one naming what to install."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ImportError as err:
+        # A backbone's own install hint ("pip install selfsup[timm]") or the module's name.
+        hint = str(err).strip().splitlines()[0] if str(err).strip() else f"cannot import {err.name}"
+        raise ConfigError(f"{section}: an optional package is missing: {hint}") from None
+    except (ValueError, TypeError) as err:
+        if isinstance(err, DataError):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{section}: {first}") from None
 
 
 def view_recipe_name(cfg: Config) -> str:
@@ -56,13 +84,14 @@ def view_recipe_name(cfg: Config) -> str:
 
 def build_data(cfg: Config) -> DataSplits:
     factory = _factory(DATASETS, cfg.data["name"], "data")
-    return factory(**check_options(factory, cfg.options("data"), "data"))
+    return factory(**check_options(factory, cfg.options("data"), "data", require=True))
 
 
 def build_backbone(cfg: Config, splits: DataSplits) -> nn.Module:
     factory = _factory(BACKBONES, cfg.backbone["name"], "backbone")
     options = check_options(factory, cfg.options("backbone"), "backbone", BACKBONE_RESERVED)
-    return factory(in_channels=splits.in_channels, image_size=splits.image_size, **options)
+    with _as_config_error("backbone"):
+        return factory(in_channels=splits.in_channels, image_size=splits.image_size, **options)
 
 
 def provided_fields(dataset: ImageDataset) -> frozenset[str]:
@@ -163,7 +192,8 @@ def build_method(
     for name in method_cls.frozen_models:
         if name in options:
             options[name] = load_frozen_backbone(options[name], name)
-    method = method_cls(backbone=backbone, **{name: facts[name]() for name in method_cls.engine_facts}, **options)
+    with _as_config_error("method"):
+        method = method_cls(backbone=backbone, **{name: facts[name]() for name in method_cls.engine_facts}, **options)
     if not isinstance(method, Method):
         raise ConfigError(f"method {cfg.method['name']!r} did not build a selfsup Method")
     return method
@@ -175,9 +205,10 @@ def build_views(cfg: Config, splits: DataSplits, name: str | None = None, **over
     factory = _factory(VIEW_RECIPES, name, "views")
     options = override if name != view_recipe_name(cfg) else {**cfg.options("views"), **override}
     options = check_options(factory, options, "views", VIEWS_RESERVED)
-    return factory(
-        image_size=splits.image_size, in_channels=splits.in_channels, mean=splits.mean, std=splits.std, **options
-    )
+    with _as_config_error("views"):
+        return factory(
+            image_size=splits.image_size, in_channels=splits.in_channels, mean=splits.mean, std=splits.std, **options
+        )
 
 
 @dataclass

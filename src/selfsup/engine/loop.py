@@ -26,13 +26,14 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.engine.optim import set_schedule
+from selfsup.errors import TrainingError
 from selfsup.methods.base import Batch, EpochContext, Method, StepInfo
 from selfsup.nn.ema import update_ema
 from selfsup.schedules import cosine_schedule
 from selfsup.transforms import to_float
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(TrainingError):
     """The loss became NaN or infinite; names the step and every loss part."""
 
     def __init__(self, step: int, parts: dict[str, float]) -> None:

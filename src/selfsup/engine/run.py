@@ -9,11 +9,16 @@ themselves are :class:`selfsup.engine.loop.TrainingLoop`'s.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import random
+import shutil
+import signal
+import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,26 +26,87 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selfsup.config import Config, dump_config
+from selfsup.config import Config, ConfigError, dump_config
+from selfsup.data import DataError
 from selfsup.data.loader import EpochBatchSampler, iterate_batches
 from selfsup.engine import distributed as engine_dist
 from selfsup.engine.build import Components, build_backbone, build_components, view_recipe_name
-from selfsup.engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from selfsup.engine.evaluation import encode, evaluate_encoder, format_table, raw_pixel_metrics
+from selfsup.engine.checkpoint import (
+    CheckpointError,
+    clean_stale_temporaries,
+    load_checkpoint,
+    non_finite_entries,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from selfsup.engine.evaluation import baseline_rows, encode, evaluate_encoder, format_table
 from selfsup.engine.logging import RunLogger, plot_loss_curve
 from selfsup.engine.loop import DataBatch, LoopSchedule, NonFiniteLossError, TrainingLoop
 from selfsup.engine.optim import build_optimizer
+from selfsup.errors import RunInterrupted, TrainingError
 from selfsup.methods.base import StepInfo
 from selfsup.nn.distributed import convert_sync_batchnorm
 from selfsup.schedules import scaled_lr
 
-__all__ = ["NonFiniteLossError", "PretrainRun", "default_run_name", "pretrain", "resolve_device"]
+__all__ = [
+    "DivergedError",
+    "NonFiniteLossError",
+    "PretrainRun",
+    "RUN_FILES",
+    "default_run_name",
+    "pretrain",
+    "resolve_device",
+]
+
+#: What a run writes into its folder (``run.overwrite=true`` replaces exactly these).
+RUN_FILES = (
+    "config.yaml",
+    "resolved.json",
+    "metrics.jsonl",
+    "tensorboard",
+    "checkpoints",
+    "backbone.safetensors",
+    "results.json",
+    "results.txt",
+    "run_info.json",
+    "loss_curve.png",
+    "skipped.txt",
+)
+
+
+class DivergedError(NonFiniteLossError):
+    """A non-finite loss in a run: the loop's error plus which checkpoint a resume can use."""
+
+    def __init__(self, err: NonFiniteLossError, note: str) -> None:
+        super().__init__(err.step, err.parts)
+        self.args = (f"{self.args[0]} {note}",)
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device ``train.device`` names; ``ConfigError`` when this machine lacks it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device={name!r} is not a device (use auto, cpu, cuda or cuda:<index>)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"train.device={name!r} but this PyTorch build or machine has no usable CUDA GPU "
+                "(use train.device=cpu or auto)"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"train.device={name!r} but this machine has {torch.cuda.device_count()} GPU(s) "
+                f"(use cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device={name!r} but MPS is not available here (use train.device=cpu or auto)")
+    elif device.type not in ("cpu", "mps"):
+        raise ConfigError(f"train.device={name!r} is not supported (use auto, cpu, cuda or cuda:<index>)")
+    return device
 
 
 def default_run_name(cfg: Config) -> str:
@@ -70,6 +136,7 @@ class PretrainRun:
     def __init__(self, cfg: Config, command: str | None = None) -> None:
         self.cfg = cfg
         self.command = command
+        resolve_device(cfg.train.device)  # a missing device is a config error before anything starts
         self.dist = engine_dist.setup(cfg.train.device)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
@@ -93,13 +160,20 @@ class PretrainRun:
         self.model = engine_dist.wrap(self.method, self.dist)
 
         splits = self.parts.splits
-        self.sampler = EpochBatchSampler(
-            len(splits.pretrain),
-            cfg.train.batch_size,
-            cfg.train.seed,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
+        try:
+            self.sampler = EpochBatchSampler(
+                len(splits.pretrain),
+                cfg.train.batch_size,
+                cfg.train.seed,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+            )
+        except DataError:
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} x {self.dist.world_size} process(es) is larger than "
+                f"the {len(splits.pretrain)} pretraining images of {splits.name!r} (lower train.batch_size "
+                "or use more data)"
+            ) from None
         self.steps_per_epoch = self.sampler.steps_per_epoch
         by_epochs = max(1, round(cfg.train.epochs * self.steps_per_epoch))
         self.total_steps = min(by_epochs, cfg.train.max_steps) if cfg.train.max_steps else by_epochs
@@ -145,8 +219,13 @@ class PretrainRun:
         }
 
         self.start_step = 0
+        #: ``(path, step)`` of the newest checkpoint with finite state, or ``None``.
+        self.last_good: tuple[Path, int] | None = None
         if resume_from is not None:
             self._restore(resume_from)
+        # Everything is validated and built: only now does the run touch its folder.
+        if self.dist.is_main:
+            self._prepare_folder()
         self.logger = RunLogger(self.run_dir, cfg.run.tensorboard, enabled=self.dist.is_main)
         if self.dist.is_main:
             dump_config(cfg, self.run_dir / "config.yaml")
@@ -171,8 +250,50 @@ class PretrainRun:
         run_dir = Path(cfg.run.out_dir) / (cfg.run.name or default_run_name(cfg))
         ckpt = run_dir / "checkpoints" / "last.pt"
         found = ckpt if resume == "auto" and ckpt.is_file() else None
-        decided: tuple[Path, Path | None] = engine_dist.broadcast_object((run_dir, found), self.dist)
-        return decided
+        refused = None
+        if resume is None and not cfg.run.overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
+            held = sorted(p.name for p in run_dir.iterdir())
+            shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+            refused = (
+                f"run folder {str(run_dir)!r} is not empty ({shown}); nothing was changed (continue it with "
+                f"`selfsup resume {run_dir}` or run.resume=auto, replace it with run.overwrite=true, "
+                "or choose another run.name)"
+            )
+        decided: tuple[Path, Path | None, str | None] = engine_dist.broadcast_object(
+            (run_dir, found, refused), self.dist
+        )
+        if decided[2] is not None:  # every process raises, none waits for the others
+            raise CheckpointError(decided[2])
+        return decided[0], decided[1]
+
+    def _prepare_folder(self) -> None:
+        """Makes the run folder hold this run only (main process, after validation): removes
+        the files of a replaced run (``run.overwrite``), temporary files of killed checkpoint
+        writes, and records of steps that will run again (metrics and TensorBoard)."""
+        run_dir = self.run_dir
+        if self.cfg.run.overwrite:
+            for name in RUN_FILES:
+                target = run_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+        clean_stale_temporaries(run_dir / "checkpoints")
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file():
+            kept = [
+                line
+                for line in metrics.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) < self.start_step
+            ]
+            metrics.write_text("".join(line + "\n" for line in kept))
+        events = run_dir / "tensorboard"
+        if self.cfg.run.tensorboard and events.is_dir() and any(events.iterdir()):
+            from torch.utils.tensorboard import SummaryWriter
+
+            # A purge marker: TensorBoard drops the events at or after this step that the
+            # interrupted run wrote, so every step shows once after a resume.
+            SummaryWriter(log_dir=str(events), purge_step=self.start_step).close()
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
@@ -188,9 +309,19 @@ class PretrainRun:
                 f"{saved_batch // self.dist.world_size if saved_batch % self.dist.world_size == 0 else '?'} "
                 "(with train.accum_steps to fit in memory); `selfsup resume` does this by itself."
             )
-        self.method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.method.load_state_dict(state["method"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+            detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
+            raise CheckpointError(
+                f"{path} does not fit this run's model: {detail} (resume with the method and backbone "
+                "options it was trained with: drop overrides of method.* or backbone.*)"
+            ) from None
         self.start_step = int(state["step"])
+        self.last_good = (path, self.start_step)
+        self._note_schedule_change(state)
         rng = state["rng"]
         if isinstance(rng, list):  # one state per process of the run that saved it
             rng = rng[self.dist.rank] if len(rng) == self.dist.world_size else None
@@ -198,32 +329,77 @@ class PretrainRun:
             set_rng_state(rng)
         else:  # another process count: a fresh, still deterministic, stream per process
             torch.manual_seed(self.cfg.train.seed + 1000003 * self.start_step + self.dist.rank)
-        if self.dist.is_main:  # drop records of steps that will run again
-            metrics = self.run_dir / "metrics.jsonl"
-            if metrics.is_file():
-                kept = [
-                    line
-                    for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) < self.start_step
-                ]
-                metrics.write_text("".join(line + "\n" for line in kept))
+
+    def _note_schedule_change(self, state: dict[str, Any]) -> None:
+        """States in one line how the schedule differs from the checkpoint's run (another
+        ``train.epochs``, ``max_steps``, lr or warm-up), since the lr then jumps on resume."""
+        saved = state.get("resolved") or {}
+        saved_cfg = state.get("config") or {}
+        changes = []
+        for key, label in (("total_steps", "total steps"), ("peak_lr", "peak lr")):
+            if key in saved and saved[key] != self.resolved[key]:
+                changes.append(f"{label} {saved[key]:.6g} -> {self.resolved[key]:.6g}")
+        now = self.cfg.to_dict()
+        for section, key in (
+            ("train", "epochs"),
+            ("train", "max_steps"),
+            ("optim", "lr"),
+            ("optim", "warmup_epochs"),
+            ("optim", "min_lr_ratio"),
+        ):
+            before = (saved_cfg.get(section) or {}).get(key, now[section][key])
+            if before != now[section][key]:
+                changes.append(f"{section}.{key} {before} -> {now[section][key]}")
+        if changes and self.dist.is_main:
+            print(
+                f"resume: the schedule differs from the checkpoint's run ({'; '.join(changes)}); from step "
+                f"{self.start_step} the lr and other schedules follow the new values",
+                flush=True,
+            )
 
     def checkpoint(self, next_step: int) -> None:
-        """Saves everything needed to continue at ``next_step`` (main process writes)."""
+        """Saves everything needed to continue at ``next_step`` (main process writes).
+
+        Raises:
+            TrainingError: the weights or the optimiser state hold a NaN or an infinity; the
+                previous checkpoint is kept (a resume from it would only diverge again).
+        """
         engine_dist.average_batchnorm_stats(self.method, self.dist)
+        method_state, optimizer_state = self.method.state_dict(), self.optimizer.state_dict()
+        bad = non_finite_entries({"method": method_state, "optimizer": optimizer_state["state"]})
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise TrainingError(
+                f"non-finite values after step {next_step - 1} in {shown}; not saving them as a checkpoint. "
+                f"{self._resume_note()}"
+            )
         states = engine_dist.gather_objects(rng_state(), self.dist)
-        if not self.dist.is_main:
-            return
-        save_checkpoint(
-            self.run_dir / "checkpoints" / "last.pt",
-            {
-                "method": self.method.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "step": next_step,
-                "rng": states,
-                "config": self.cfg.to_dict(),
-                "resolved": self.resolved,
-            },
+        path = self.run_dir / "checkpoints" / "last.pt"
+        if self.dist.is_main:
+            save_checkpoint(
+                path,
+                {
+                    "method": method_state,
+                    "optimizer": optimizer_state,
+                    "step": next_step,
+                    "rng": states,
+                    "config": self.cfg.to_dict(),
+                    "resolved": self.resolved,
+                },
+            )
+        self.last_good = (path, next_step)
+
+    def _resume_note(self) -> str:
+        """Which checkpoint a resume can start from, and how (for divergence errors)."""
+        if self.last_good is None:
+            return (
+                "No checkpoint was written before it; start again with a lower optim.lr or optim.clip_grad=1 "
+                "(and run.overwrite=true to reuse this run folder)."
+            )
+        path, step = self.last_good
+        return (
+            f"The last good checkpoint is {path} (step {step}); continue from it with "
+            f"`selfsup resume {self.run_dir} optim.clip_grad=1` (or a lower optim.lr)."
         )
 
     def step_info(self, step: int) -> StepInfo:
@@ -300,10 +476,18 @@ class PretrainRun:
             if last or epoch_end or (cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0):
                 self.checkpoint(step + 1)
 
-        try:
-            self.loop.run(self._batches(self.start_step), self.start_step, on_step=after_step)
-        finally:
-            bar.close()
+        stop = _StopRequest()
+        with stop.installed():
+            try:
+                self.loop.run(
+                    self._batches(self.start_step), self.start_step, on_step=self._stop_after(after_step, stop)
+                )
+            except NonFiniteLossError as err:
+                raise DivergedError(err, self._resume_note()) from None
+            finally:
+                bar.close()
+                if self.dist.is_main:
+                    self.report_skipped()
         train_seconds = time.perf_counter() - started
         results: dict[str, Any] = {}
         if self.dist.is_main:  # the last step's checkpoint already averaged the BN statistics
@@ -311,10 +495,65 @@ class PretrainRun:
             plot_loss_curve(self.run_dir)
         if cfg.eval.at_end:
             results = self.evaluate()
+            if self.dist.is_main:
+                self.report_skipped()
         if self.dist.is_main:
             self.write_run_info(train_seconds, time.perf_counter() - started)
         self.logger.close()
         return results
+
+    def _stop_after(
+        self, after_step: Callable[[StepInfo, dict[str, float], int], None], stop: _StopRequest
+    ) -> Callable[[StepInfo, dict[str, float], int], None]:
+        """``after_step``, then, if SIGINT or SIGTERM arrived (on any process), a checkpoint
+        (unless this step wrote one) and :class:`RunInterrupted` saying how to resume."""
+
+        def on_step(info: StepInfo, parts: dict[str, float], seen: int) -> None:
+            after_step(info, parts, seen)
+            signum = stop.signum or 0
+            if self.dist.world_size > 1:  # every process must stop at the same step
+                got = engine_dist.mean_over_ranks(
+                    {"term": float(signum == signal.SIGTERM), "int": float(signum == signal.SIGINT)}, self.dist
+                )
+                signum = signal.SIGTERM if got["term"] > 0 else signal.SIGINT if got["int"] > 0 else 0
+            if not signum:
+                return
+            step = info.step + 1
+            if self.last_good is None or self.last_good[1] != step:  # unless this step saved one
+                self.checkpoint(step)
+            self.logger.close()
+            name = signal.Signals(signum).name
+            raise RunInterrupted(
+                f"{name} received: stopped after step {step} of {self.total_steps} and saved "
+                f"{self.run_dir / 'checkpoints' / 'last.pt'} (continue with `selfsup resume {self.run_dir}`)",
+                signum,
+            )
+
+        return on_step
+
+    def report_skipped(self) -> None:
+        """Lists the images that failed to decode in ``skipped.txt`` and says so in one line."""
+        splits = self.parts.splits
+        paths: set[str] = set()
+        total = 0
+        for ds in {id(d): d for d in (splits.pretrain, splits.train, splits.test)}.values():
+            skipped = getattr(ds, "skipped_paths", None)
+            if skipped is not None:
+                paths.update(skipped)
+                total += len(ds)
+        if not paths:
+            return
+        out = self.run_dir / "skipped.txt"
+        known = set(out.read_text().splitlines()) if out.is_file() else set()
+        if paths <= known:
+            return
+        paths |= known
+        out.write_text("".join(f"{p}\n" for p in sorted(paths)))
+        print(
+            f"skipped {len(paths)} unreadable image(s) of {total} (data.on_error=skip); the list is in {out}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def write_run_info(self, train_seconds: float, wall_seconds: float) -> None:
         """``run_info.json``: the command, its timings and the machine (read by ``selfsup report``).
@@ -407,9 +646,11 @@ class PretrainRun:
             )
             bar.update(1)
         if cfg.eval.baselines:
-            bar.set_postfix_str("raw pixels")
-            rows["raw pixels"] = raw_pixel_metrics(
-                splits.train, splits.test, splits.num_classes, self.parts.eval_views, cfg.eval, self.device
+            bar.set_postfix_str("raw pixels, HOG")
+            rows.update(
+                baseline_rows(
+                    splits.train, splits.test, splits.num_classes, self.parts.eval_views, cfg.eval, self.device
+                )
             )
             bar.update(1)
         bar.close()
@@ -438,6 +679,49 @@ class PretrainRun:
             },
         )
         return path
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM during training: remember the signal, let the step finish.
+
+    The loop checks :attr:`signum` after every step, saves a checkpoint and stops. A second
+    signal stops at once (:class:`RunInterrupted`), for a user who will not wait.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise RunInterrupted(
+                f"second {signal.Signals(signum).name}: stopped at once, without saving this step "
+                "(`selfsup resume <run folder>` continues from the last checkpoint)",
+                signum,
+            )
+        self.signum = signum
+        print(
+            f"\n{signal.Signals(signum).name} received: finishing the current step, then saving a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set in the main thread
+            return
+        saved = {}
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            saved[sig] = signal.signal(sig, self._handle)
+        try:
+            yield
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
 
 
 def pretrain(cfg: Config, command: str | None = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ callables, without the trainer. Accuracies are fractions in ``[0, 1]``.
 from selfsup.eval.baselines import evaluate_features, raw_pixel_features
 from selfsup.eval.clustering import cluster_accuracy, clustering_metrics
 from selfsup.eval.features import extract_features
+from selfsup.eval.hog import hog, hog_dim
 from selfsup.eval.knn import knn_classify, knn_predict
 from selfsup.eval.label_subset import balanced_label_subset
 from selfsup.eval.linear import (
@@ -28,6 +29,8 @@ __all__ = [
     "evaluate_features",
     "extract_features",
     "feature_std",
+    "hog",
+    "hog_dim",
     "knn_classify",
     "knn_predict",
     "linear_probe",
