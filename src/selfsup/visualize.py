@@ -84,6 +84,12 @@ def _load_images(
     indices = [int(i) for i in source]
     if not indices:
         raise ValueError("give at least one dataset index")
+    out_of_range = [i for i in indices if not 0 <= i < len(data)]
+    if out_of_range:
+        raise ValueError(
+            f"--images {' '.join(map(str, out_of_range))}: the {split} split has {len(data)} images "
+            f"(indices 0 to {len(data) - 1})"
+        )
     images = []
     for i in indices:
         sample = data[i]

@@ -289,6 +289,11 @@ def test_mae_run_reconstruction_png_and_finetune_cli(tmp_path: Path, capsys: pyt
     trainer.fit()
     png = reconstruction_grid(trainer.run_dir, [0, 1], tmp_path / "fig" / "recon.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    out_of_range = ["visualize", "reconstruction", str(trainer.run_dir), "--images", "0", "99999"]
+    assert main([*out_of_range, "--out", str(tmp_path / "fig2.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--images 99999" in err and "indices 0 to" in err, err
 
     capsys.readouterr()
     args = ["eval", "finetune", str(trainer.run_dir), "eval.finetune_epochs=1", "eval.finetune_batch_size=64", "--json"]
