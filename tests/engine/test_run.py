@@ -158,6 +158,7 @@ def test_gradient_accumulation_matches_full_batch(tmp_path: Path) -> None:
     assert any(not torch.equal(one[k], init[k]) for k in one), "the step changed nothing"
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # protocol 5 on purpose
 def test_a_crafted_checkpoint_runs_no_code(tmp_path: Path) -> None:
     """A pickle that would run a command when unpickled is refused, and the command never runs."""
     import pickle
