@@ -15,29 +15,16 @@ from pathlib import Path
 import pytest
 
 from selfsup.cli import main
-from tests.test_errors import check_row
+from tests.test_errors import check_row, tiny
 
 pytestmark = pytest.mark.slow
 STEPS = 150
 
 
 def _argv(out: Path, name: str) -> list[str]:
-    return [
-        "pretrain",
-        "simclr/digits",
-        "backbone.width=8",
-        "method.proj_hidden_dim=32",
-        "method.proj_dim=16",
-        "train.batch_size=64",
-        f"train.max_steps={STEPS}",
-        "train.threads=1",
-        "train.log_every=1",
-        "train.progress=false",
-        "train.knn_every=0",
-        "eval.at_end=false",
-        f"run.out_dir={out}",
-        f"run.name={name}",
-    ]
+    """The fault table's tiny digits run, long enough to be stopped, logging every step to
+    metrics.jsonl and TensorBoard (later overrides win)."""
+    return tiny(out, f"train.max_steps={STEPS}", "train.log_every=1", "run.tensorboard=true", f"run.name={name}")
 
 
 def _losses(run: Path) -> dict[int, float]:

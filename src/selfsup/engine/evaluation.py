@@ -140,19 +140,6 @@ def evaluate_encoder(
     return evaluate_features(train, test, num_classes, cfg, linear, seed)
 
 
-def raw_pixel_metrics(
-    train_set: ImageDataset,
-    test_set: ImageDataset,
-    num_classes: int,
-    eval_views: nn.Module,
-    cfg: EvalConfig,
-    device: torch.device,
-) -> dict[str, float]:
-    """The raw-pixel baseline: normalised pixels, flattened, as features."""
-    flatten = nn.Flatten()
-    return evaluate_encoder(flatten, flatten, train_set, test_set, num_classes, eval_views, cfg, device)
-
-
 class HOGFeatures(nn.Module):
     """``(B, C, H, W) -> (B, D)`` HOG descriptors (Dalal & Triggs 2005) as a baseline encoder:
     9 orientations, 4-pixel cells, 2x2-cell blocks, L2-Hys (1296-d on 28 px), the handcrafted
@@ -164,19 +151,6 @@ class HOGFeatures(nn.Module):
         return hog(images, orientations=9, pixels_per_cell=4, cells_per_block=2, block_norm="L2-Hys")
 
 
-def hog_metrics(
-    train_set: ImageDataset,
-    test_set: ImageDataset,
-    num_classes: int,
-    eval_views: nn.Module,
-    cfg: EvalConfig,
-    device: torch.device,
-) -> dict[str, float]:
-    """The HOG baseline: :class:`HOGFeatures` under the same kNN and linear probe."""
-    features = HOGFeatures()
-    return evaluate_encoder(features, features, train_set, test_set, num_classes, eval_views, cfg, device)
-
-
 def baseline_rows(
     train_set: ImageDataset,
     test_set: ImageDataset,
@@ -185,9 +159,13 @@ def baseline_rows(
     cfg: EvalConfig,
     device: torch.device,
 ) -> dict[str, dict[str, float]]:
-    """The encoder-free baselines of every results table: raw pixels and HOG."""
-    args = (train_set, test_set, num_classes, eval_views, cfg, device)
-    return {"raw pixels": raw_pixel_metrics(*args), "HOG": hog_metrics(*args)}
+    """The encoder-free baselines of every results table under the same kNN and linear probe:
+    raw pixels (the eval view's normalised pixels, flattened) and :class:`HOGFeatures`."""
+    encoders: dict[str, nn.Module] = {"raw pixels": nn.Flatten(), "HOG": HOGFeatures()}
+    return {
+        name: evaluate_encoder(encoder, encoder, train_set, test_set, num_classes, eval_views, cfg, device)
+        for name, encoder in encoders.items()
+    }
 
 
 MONITOR_COLUMNS = ("feature_std", "effective_rank")
