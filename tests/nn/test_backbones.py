@@ -194,3 +194,25 @@ def test_timm_backbone_when_installed() -> None:
     model = BACKBONES.build("timm", model_name="resnet18", in_channels=1, image_size=32)
     out = model(torch.randn(2, 1, 32, 32))
     assert out.shape == (2, model.num_features)
+
+
+def test_feature_map_is_the_spatial_features_before_pooling() -> None:
+    from selfsup.nn.backbones.protocol import feature_map
+    from selfsup.registry import BACKBONES
+
+    x = torch.randn(2, 3, 32, 32)
+    for name, options in [
+        ("convnet", {"width": 8}),
+        ("resnet18", {"stem": "cifar"}),
+        ("vit_tiny", {"patch_size": 4, "image_size": 32}),
+    ]:
+        backbone = BACKBONES.build(name, in_channels=3, **options).eval()
+        fmap = feature_map(backbone, x)
+        assert fmap.shape[:2] == (2, backbone.num_features)
+        if name.startswith("vit"):
+            assert fmap.shape[-2:] == (8, 8)
+            # the patch tokens, in grid order
+            tokens = backbone.forward_tokens(x)[:, 1:]
+            torch.testing.assert_close(fmap.flatten(2).transpose(1, 2), tokens)
+        else:
+            torch.testing.assert_close(fmap.mean(dim=(-2, -1)), backbone(x))

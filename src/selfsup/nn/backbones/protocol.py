@@ -9,6 +9,8 @@ beyond what the attribute access itself does):
 * :class:`TokenBackbone` is the ViT token API (implemented by ``VisionTransformer``), and
   :func:`as_token_backbone` types a module as one for a method that has already checked it
   (``selfsup.methods.base.check_token_backbone``).
+* :func:`feature_map` gives any backbone's last spatial features `(B, D, h, w)` (dense probes,
+  dense pretext heads such as colorization).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Protocol, SupportsInt, cast
 
 from torch import Tensor, nn
 
-__all__ = ["TokenBackbone", "as_token_backbone", "feature_dim"]
+__all__ = ["TokenBackbone", "as_token_backbone", "feature_dim", "feature_map"]
 
 
 def feature_dim(backbone: nn.Module) -> int:
@@ -59,3 +61,28 @@ def as_token_backbone(backbone: nn.Module) -> TokenBackbone:
     """``backbone`` itself, typed as a :class:`TokenBackbone` (a static cast: nothing is
     checked, so check first, e.g. with ``check_token_backbone``)."""
     return cast(TokenBackbone, backbone)
+
+
+def feature_map(backbone: nn.Module, x: Tensor) -> Tensor:
+    """The backbone's last spatial features `(B, D, h, w)` for images `(B, C, H, W)`.
+
+    ConvNets and ResNets give their last stage before global pooling (``forward_features``);
+    a ViT gives its normed patch tokens (class token dropped) laid back on the patch grid, so
+    ``h, w = H / patch_size, W / patch_size``. ``D`` is ``num_features`` in both cases.
+
+    Raises ``TypeError`` for a backbone with neither API (e.g. a timm wrapper).
+    """
+    if hasattr(backbone, "forward_tokens") and hasattr(backbone, "patch_size"):
+        vit = as_token_backbone(backbone)
+        tokens = vit.forward_tokens(x)[:, 1:]
+        h, w = x.shape[-2] // vit.patch_size, x.shape[-1] // vit.patch_size
+        return tokens.transpose(1, 2).reshape(x.shape[0], tokens.shape[-1], h, w)
+    forward_features = getattr(backbone, "forward_features", None)
+    if forward_features is None:
+        raise TypeError(
+            f"{type(backbone).__name__} gives no spatial features (needs forward_features or the ViT token API)"
+        )
+    out = forward_features(x)
+    if not isinstance(out, Tensor) or out.dim() != 4:
+        raise TypeError(f"{type(backbone).__name__}.forward_features must return (B, D, h, w)")
+    return out
