@@ -1,4 +1,4 @@
-"""Command line: ``selfsup pretrain | resume | eval | list | visualize``.
+"""Command line: ``selfsup pretrain | resume | eval | export | embed | list | visualize``.
 
 selfsup pretrain configs/simclr/fashion_mnist.yaml train.epochs=5 method.temperature=0.2
 selfsup pretrain simclr/fashion_mnist train.epochs=5                # a shipped config by name
@@ -7,7 +7,10 @@ torchrun --nproc_per_node 4 -m selfsup.cli pretrain configs/simclr/fashion_mnist
 selfsup resume runs/simclr-fashion-mnist-20261123-101500
 selfsup eval knn runs/simclr-fashion-mnist-20261123-101500
 selfsup eval linear runs/.../checkpoints/last.pt eval.linear_epochs=50
+selfsup eval retrieval runs/... --baselines      # also cluster (k-means), semi (1% / 10% labels)
 selfsup list methods
+selfsup export runs/simclr-... --format onnx              # also safetensors, torchscript
+selfsup embed runs/simclr-... photos/ -o features/         # features.npy + paths.txt
 selfsup visualize attention runs/dino-... --images 0 1 2
 
 Every expected failure prints one line, ``error: <what> (<fix>)``, and exits with its class's
@@ -140,7 +143,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"dataset {splits.name!r} has no labels to evaluate with")
     if args.protocol == "finetune":
         return _finetune(args, cfg, parts, device)
+    if args.protocol in ("cluster", "retrieval", "semi"):
+        return _protocol(args, cfg, parts, device)
+    if args.protocol == "dense":
+        return _dense(args, cfg, parts, device)
     cfg.eval.linear = args.protocol == "linear"
+    cfg.eval.cluster = cfg.eval.retrieval = False  # their own commands
     rows = {}
     metrics = evaluate_encoder(
         parts.method.embed,
@@ -168,9 +176,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace, cfg: Config, parts: Components, device: torch.device) -> int:
     """``selfsup eval finetune``: end-to-end fine-tuning of the run's encoder (or, with
     ``--from-scratch``, of a freshly initialised one of the same architecture)."""
-    from selfsup.engine.build import build_views
     from selfsup.engine.evaluation import format_table
-    from selfsup.engine.finetune import finetune, finetune_encoder
+    from selfsup.engine.finetune import finetune_encoder
+    from selfsup.engine.protocols import finetune_from_config
     from selfsup.eval.label_subset import balanced_label_subset
 
     splits = parts.splits
@@ -187,24 +195,7 @@ def _finetune(args: argparse.Namespace, cfg: Config, parts: Components, device: 
             train = train.subset(balanced_label_subset(train.labels, e.finetune_label_fraction, cfg.train.seed))
         except ValueError as err:
             raise ConfigError(f"eval.finetune_label_fraction: {err}") from None
-    metrics = finetune(
-        encoder,
-        parts.method.num_features,
-        train,
-        splits.test,
-        splits.num_classes,
-        train_views=build_views(cfg, splits, "single_view").to(device),
-        eval_views=parts.eval_views,
-        epochs=e.finetune_epochs,
-        batch_size=e.finetune_batch_size,
-        lr=e.finetune_lr,
-        weight_decay=e.finetune_weight_decay,
-        layer_decay=e.finetune_layer_decay,
-        label_smoothing=e.finetune_label_smoothing,
-        warmup_epochs=e.finetune_warmup_epochs,
-        device=device,
-        seed=cfg.train.seed,
-    )
+    metrics = finetune_from_config(encoder, parts.method.num_features, train, cfg, splits, parts.eval_views, device)
     init = "random init" if args.from_scratch else "pretrained"
     if e.finetune_label_fraction != 1.0:
         init += f", {len(train)} labels"
@@ -212,6 +203,73 @@ def _finetune(args: argparse.Namespace, cfg: Config, parts: Components, device: 
     print(format_table(rows, f"{splits.name} test set, fine-tuning top-1 (%)"))
     if args.json:
         print(json.dumps(rows))
+    return 0
+
+
+def _protocol(args: argparse.Namespace, cfg: Config, parts: Components, device: torch.device) -> int:
+    """``selfsup eval cluster|retrieval|semi``: the protocols of ``selfsup.engine.protocols``."""
+    from selfsup.engine.evaluation import format_table
+    from selfsup.engine.protocols import frozen_protocol_rows, semi_supervised_rows
+
+    splits = parts.splits
+    if args.protocol == "semi":
+        rows = semi_supervised_rows(parts.method, cfg, splits, parts.eval_views, device)
+        title = f"{splits.name} test set, fine-tuning top-1 (%) on a fraction of the labels"
+    else:
+        rows = frozen_protocol_rows(
+            args.protocol, parts.method, cfg, splits, parts.eval_views, device, baselines=args.baselines
+        )
+        title = f"{splits.name} test set, {args.protocol} (%)"
+    print(format_table(rows, title))
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def _dense(args: argparse.Namespace, cfg: Config, parts: Components, device: torch.device) -> int:
+    """``selfsup eval dense``: a linear segmentation probe on the frozen feature maps (scenes)."""
+    from selfsup.engine.dense import dense_rows
+    from selfsup.engine.evaluation import format_table
+
+    rows = dense_rows(parts.method, cfg, parts.splits, parts.eval_views, device, baselines=args.baselines)
+    print(format_table(rows, f"{parts.splits.name} test set, dense linear probe (%)"))
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """``selfsup export``: the encoder as safetensors, ONNX or TorchScript, verified."""
+    from selfsup.engine.export import export_encoder
+
+    export_encoder(args.run, args.format, args.output, projector=args.projector, timm=args.timm)
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    """``selfsup embed``: features of every image of a folder or data set (resumable)."""
+    import yaml
+
+    from selfsup.engine.embed import embed
+    from selfsup.engine.run import resolve_device
+
+    options = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"data set option {item!r} is not key=value (e.g. root=/data/fashion-mnist)")
+        options[key] = yaml.safe_load(value)
+    embed(
+        args.run,
+        args.source,
+        args.output,
+        split=args.split,
+        options=options,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        num_workers=args.workers,
+        device=resolve_device(args.device),
+    )
     return 0
 
 
@@ -255,10 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_resume)
 
     p = sub.add_parser("eval", help="evaluate a run's encoder with labels")
-    p.add_argument("protocol", choices=["knn", "linear", "finetune"])
+    p.add_argument("protocol", choices=["knn", "linear", "finetune", "cluster", "retrieval", "semi", "dense"])
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.knn_k=[10,20]")
-    p.add_argument("--baselines", action="store_true", help="also evaluate raw pixels and HOG")
+    p.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also evaluate raw pixels and HOG (cluster, retrieval: and random init)",
+    )
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     p.add_argument(
         "--from-scratch",
@@ -270,6 +332,26 @@ def build_parser() -> argparse.ArgumentParser:
     from selfsup import report  # light: stdlib and yaml only
 
     report.configure_parser(sub.add_parser("report", help="results tables generated from run folders"))
+
+    p = sub.add_parser("export", help="export a run's encoder (safetensors, ONNX, TorchScript), verified")
+    p.add_argument("run", help="run folder, its backbone.safetensors or a checkpoint file")
+    p.add_argument("--format", required=True, choices=["safetensors", "onnx", "torchscript"])
+    p.add_argument("-o", "--output", help="output file (default: <run>/export/encoder.<format>)")
+    p.add_argument("--projector", action="store_true", help="include the projection head (from the checkpoint)")
+    p.add_argument("--timm", action="store_true", help="safetensors: timm's parameter names and model arguments")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("embed", help="features of every image of a folder or data set (.npy, resumable)")
+    p.add_argument("run", help="run folder, backbone.safetensors or exported .safetensors file")
+    p.add_argument("source", help="a folder of images or a registered data set name (e.g. fashion-mnist)")
+    p.add_argument("overrides", nargs="*", help="data set options key=value, e.g. root=/data/fmnist")
+    p.add_argument("-o", "--output", required=True, help="output folder (features.npy, paths.txt or indices.txt)")
+    p.add_argument("--split", default="train", help="data set split: train, test or pretrain (default train)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--chunk-size", type=int, default=4096, help="images per resumable chunk")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes (folders)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index>")
+    p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser("list", help="list registered components")
     p.add_argument("what", choices=["methods", "backbones", "datasets", "views", "configs"])

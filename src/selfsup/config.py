@@ -155,6 +155,16 @@ class EvalConfig:
         finetune_warmup_epochs: linear lr warm-up of fine-tuning.
         finetune_label_fraction: fine-tune on a class-balanced, seeded fraction of the
             training labels (0.01 / 0.1: the semi-supervised protocol of SimCLR sec. 4.2).
+        cluster: also score k-means (k = classes) on the test features: ACC, NMI, ARI.
+        retrieval: also score test-to-train retrieval (cosine, labels as relevance): mAP@R,
+            Recall@1/5 (Musgrave et al. 2020).
+        semi: also fine-tune on each of ``semi_fractions`` of the labels, pretrained and
+            from random init, with the ``finetune_*`` recipe (SimCLR sec. 4.2; slow).
+        semi_fractions: the class-balanced, seeded label fractions of ``semi``.
+        dense: also score a linear segmentation probe on the frozen feature maps (mIoU, pixel
+            accuracy; needs a data set with masks: scenes), like ``selfsup eval dense``.
+        dense_epochs: epochs of the dense (segmentation) linear probe of ``selfsup eval dense``.
+        dense_min_steps: at least this many Adam steps of the dense probe (small sets).
     """
 
     knn_k: list[int] = field(default_factory=lambda: [20, 200])
@@ -172,6 +182,13 @@ class EvalConfig:
     finetune_label_smoothing: float = 0.1
     finetune_warmup_epochs: float = 1.0
     finetune_label_fraction: float = 1.0
+    cluster: bool = False
+    retrieval: bool = False
+    semi: bool = False
+    semi_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
+    dense: bool = False
+    dense_epochs: int = 10
+    dense_min_steps: int = 300
 
 
 @dataclass
@@ -464,6 +481,9 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("eval.finetune_label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("eval.finetune_warmup_epochs", lambda v: v >= 0, ">= 0"),
     ("eval.finetune_label_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("eval.semi_fractions", lambda v: len(v) > 0 and all(0 < f <= 1 for f in v), "a non-empty list in (0, 1]"),
+    ("eval.dense_epochs", lambda v: v >= 1, ">= 1"),
+    ("eval.dense_min_steps", lambda v: v >= 0, ">= 0"),
 ]
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
 

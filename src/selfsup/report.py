@@ -59,6 +59,18 @@ ACCURACY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("linear_top1", "linear"),
 )
 FINETUNE_COLUMN: tuple[str, str] = ("finetune_top1", "fine-tuned")  # shown when any row has it
+# Scores of the protocols a run enables (eval.semi, eval.cluster, eval.retrieval, eval.dense), shown in
+# percent when any row has them; higher is better for each, so they are compared for bold too.
+PROTOCOL_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("semi_top1@1%", "1% labels"),
+    ("semi_top1@10%", "10% labels"),
+    ("cluster_acc", "k-means ACC"),
+    ("nmi", "NMI"),
+    ("ari", "ARI"),
+    ("retrieval_map@r", "mAP@R"),
+    ("retrieval_recall@1", "R@1"),
+    ("dense_miou", "dense mIoU"),
+)
 # Collapse monitors of the test features: shown as they are, never bold (higher is not better).
 MONITOR_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("feature_std", "feature std", "{:.3f}"),
@@ -342,8 +354,9 @@ def method_table(runs: Iterable[RunRecord]) -> str:
         datasets.setdefault(_canonical(run.section("data")), []).append(run)
 
     accuracy_columns = list(ACCURACY_COLUMNS)
-    if any(FINETUNE_COLUMN[0] in metrics for run in runs for metrics in run.results.values()):
-        accuracy_columns.append(FINETUNE_COLUMN)
+    for column in (FINETUNE_COLUMN, *PROTOCOL_COLUMNS):
+        if any(column[0] in metrics for run in runs for metrics in run.results.values()):
+            accuracy_columns.append(column)
     multi_dataset = len(datasets) > 1
     headers = (["dataset"] if multi_dataset else []) + ["method", "backbone", "epochs", "seed"]
     headers += [h for _, h in accuracy_columns] + [h for _, h, _ in MONITOR_COLUMNS] + ["wall time", "command"]

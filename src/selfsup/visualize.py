@@ -8,6 +8,9 @@ or a masked autoencoder's reconstructions (MAE's Figure 2).
 ``attention`` writes one PNG per image: the image, then the last block's attention of the
 class token to every patch, one panel per head, upsampled to the image size.
 ``reconstruction`` writes one PNG grid: input, masked input and reconstruction per image.
+``colorization`` writes one PNG grid: grayscale input, predicted colours, ground truth.
+``embeddings`` writes a t-SNE (or UMAP) scatter of test features coloured by label;
+``knn-curve`` the online kNN accuracy over training from the run's ``metrics.jsonl``.
 
 References: Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers"
 (DINO), arXiv:2104.14294, Section 4.2.1 and the reference ``visualize_attention.py``.
@@ -28,7 +31,16 @@ if TYPE_CHECKING:
     from selfsup.data.base import DataSplits
     from selfsup.methods.base import Method
 
-__all__ = ["attention_maps", "cls_attention_maps", "configure_parser", "main", "reconstruction_grid"]
+__all__ = [
+    "attention_maps",
+    "cls_attention_maps",
+    "colorization_grid",
+    "configure_parser",
+    "embedding_plot",
+    "knn_curve",
+    "main",
+    "reconstruction_grid",
+]
 
 
 def cls_attention_maps(attention: Tensor, grid: tuple[int, int], patch_size: int) -> Tensor:
@@ -281,6 +293,249 @@ def reconstruction_grid(
     return out
 
 
+def colorization_grid(
+    run_dir_or_ckpt: str | Path,
+    images_path_or_dataset_indices: str | Path | Sequence[int],
+    out_path: str | Path,
+    *,
+    split: str = "test",
+    temperature: float | None = None,
+    device: str = "cpu",
+) -> Path:
+    """Write one PNG grid of a colorization run's predictions (Colorful Image Colorization, Fig. 1).
+
+    One row per image, three columns: the grayscale input (its lightness), the predicted colours
+    (annealed mean of the predicted ab distribution on that lightness) and the ground truth.
+    Needs a method with ``colorize(images) -> (grayscale, predicted, truth)`` (colorization).
+
+    Args:
+        run_dir_or_ckpt: a run folder or a checkpoint file written by ``selfsup pretrain``.
+        images_path_or_dataset_indices: an image file, a folder of images, or indices into
+            the run's dataset split ``split``.
+        out_path: the PNG file to write (parent folders are created).
+        split: ``"test"``, ``"train"`` or ``"pretrain"``, for dataset indices.
+        temperature: annealed-mean temperature (default: the method's, the paper's 0.38).
+        device: where to run the model.
+
+    Returns:
+        ``out_path`` as a Path.
+
+    Raises:
+        TypeError: the run's method cannot colorize images.
+
+    References: Zhang, Isola & Efros 2016, "Colorful Image Colorization", arXiv:1603.08511.
+    """
+    import matplotlib
+
+    from selfsup.config import from_dict
+    from selfsup.engine.build import build_data, build_method
+    from selfsup.engine.checkpoint import load_checkpoint
+    from selfsup.registry import VIEW_RECIPES
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    state = load_checkpoint(run_dir_or_ckpt)
+    cfg = from_dict(state["config"])
+    splits = build_data(cfg)
+    method = build_method(cfg, splits)
+    if not callable(getattr(method, "colorize", None)):
+        raise TypeError(
+            f"method {cfg.method['name']!r} ({type(method).__name__}) has no colorize(); "
+            "colour predictions need a colorization run"
+        )
+    method.load_state_dict(state["method"])
+    method = method.to(device).eval()
+    size = splits.image_size
+    images, names = _load_images(images_path_or_dataset_indices, splits, size, splits.in_channels, split)
+    views = VIEW_RECIPES.build(
+        "eval", image_size=size, in_channels=splits.in_channels, mean=splits.mean, std=splits.std
+    )
+    shown = method.colorize(views(images)[0].to(device), temperature)  # type: ignore[operator]
+    titles = ("grayscale input", f"predicted (T={temperature or getattr(method, 'temperature', '')})", "ground truth")
+    fig, axes = plt.subplots(len(names), 3, figsize=(6.6, 2.2 * len(names)), squeeze=False)
+    for i, name in enumerate(names):
+        for j, (title, batch) in enumerate(zip(titles, shown)):
+            axes[i, j].imshow(batch[i].float().cpu().permute(1, 2, 0).numpy(), vmin=0.0, vmax=1.0)
+            axes[i, j].set_title(f"{name}: {title}" if j == 0 else title, fontsize=8)
+            axes[i, j].axis("off")
+    fig.tight_layout()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _run_folder(run_dir_or_ckpt: str | Path) -> Path:
+    """The run folder of a run folder or of a checkpoint file in its ``checkpoints/``."""
+    run = Path(run_dir_or_ckpt)
+    return run if run.is_dir() else run.parent.parent
+
+
+def embedding_plot(
+    run_dir_or_ckpt: str | Path,
+    out_path: str | Path,
+    *,
+    method: str = "tsne",
+    samples: int = 2000,
+    seed: int = 0,
+    device: str = "cpu",
+) -> Path:
+    """Write a PNG of the run's test features embedded in 2-D, coloured by label.
+
+    A seeded random ``samples`` of the test split is encoded by the run's encoder (eval mode,
+    un-augmented eval view) and embedded by t-SNE (scikit-learn; perplexity 30, PCA
+    initialisation) or UMAP (``umap-learn``, the ``umap`` extra).
+
+    Args:
+        run_dir_or_ckpt: a run folder or a checkpoint file written by ``selfsup pretrain``.
+        out_path: the PNG file to write (parent folders are created).
+        method: ``"tsne"`` or ``"umap"``.
+        samples: test images to embed (all of them when the split is smaller).
+        seed: seeds the sample and the embedding.
+        device: where to run the encoder.
+
+    Returns:
+        ``out_path`` as a Path.
+
+    References: van der Maaten & Hinton, "Visualizing Data using t-SNE", JMLR 2008;
+    McInnes, Healy & Melville, "UMAP", arXiv:1802.03426.
+    """
+    import matplotlib
+    import numpy as np
+    import torch
+
+    from selfsup.config import ConfigError, from_dict
+    from selfsup.engine.build import build_data, build_method
+    from selfsup.engine.checkpoint import load_checkpoint
+    from selfsup.engine.evaluation import encode, eval_mode
+    from selfsup.registry import VIEW_RECIPES
+
+    if method not in ("tsne", "umap"):
+        raise ValueError(f"--method {method!r} is not tsne or umap")
+    if samples < 2:
+        raise ValueError(f"--samples {samples} is too few (at least 2)")
+    if method == "umap":
+        try:
+            import umap
+        except ImportError:
+            raise ConfigError(
+                "--method umap needs umap-learn: pip install 'selfsup[umap]' (or use --method tsne)"
+            ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    state = load_checkpoint(run_dir_or_ckpt)
+    cfg = from_dict(state["config"])
+    splits = build_data(cfg)
+    if splits.num_classes < 2:
+        raise ValueError(f"dataset {splits.name!r} has no labels to colour the embedding by")
+    model = build_method(cfg, splits)
+    model.load_state_dict(state["method"])
+    model = model.to(device)
+    views = VIEW_RECIPES.build(
+        "eval", image_size=splits.image_size, in_channels=splits.in_channels, mean=splits.mean, std=splits.std
+    )
+    test = splits.test
+    if samples < len(test):
+        chosen = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:samples]
+        test = test.subset(torch.sort(chosen).values)
+    with eval_mode(model):
+        features, labels = encode(model.embed, test, views.to(device), torch.device(device), cfg.eval.batch_size)
+    x = features.double().numpy()
+    if method == "umap":
+        points = umap.UMAP(n_components=2, random_state=seed).fit_transform(x)
+    else:
+        from sklearn.manifold import TSNE
+
+        perplexity = min(30.0, (x.shape[0] - 1) / 3)  # t-SNE needs perplexity < samples
+        points = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    names = splits.test.class_names or [str(c) for c in range(splits.num_classes)]
+    y = labels.numpy()
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    cmap = plt.get_cmap("tab10" if splits.num_classes <= 10 else "tab20")
+    for c in np.unique(y):
+        hit = y == c
+        label = names[c] if c < len(names) else str(c)
+        ax.scatter(points[hit, 0], points[hit, 1], s=4, color=cmap(int(c) % cmap.N), label=label)
+    ax.legend(markerscale=3, fontsize=7, loc="best", frameon=False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    shown = "t-SNE" if method == "tsne" else "UMAP"
+    ax.set_title(f"{_run_folder(run_dir_or_ckpt).name}: {shown} of {len(y)} test images")
+    fig.tight_layout()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def knn_curve(run_dir: str | Path, out_path: str | Path) -> Path:
+    """Write a PNG of the online kNN top-1 over training, from the run's ``metrics.jsonl``.
+
+    The engine logs ``knn_top1`` (k = 20, on ``train.knn_samples`` images) every
+    ``train.knn_every`` epochs; the x axis is in epochs (from the logged step-to-epoch ratio)
+    and the final full-test-set kNN@20 of ``results.json`` is marked when present.
+
+    Args:
+        run_dir: a run folder (or a checkpoint file in its ``checkpoints/``).
+        out_path: the PNG file to write (parent folders are created).
+
+    Returns:
+        ``out_path`` as a Path.
+
+    Raises:
+        ValueError: the run logged no kNN accuracy.
+    """
+    import json
+
+    import matplotlib
+
+    from selfsup.engine.logging import read_metrics
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = _run_folder(run_dir)
+    if not (run / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {str(run)!r} (not a run folder)")
+    records = read_metrics(run)
+    knn = [(r["step"], 100 * r["knn_top1"]) for r in records if "knn_top1" in r]
+    if not knn:
+        raise ValueError(f"{str(run)!r} logged no online kNN accuracy (it ran with train.knn_every=0)")
+    ratios = [r["step"] / r["epoch"] for r in records if r.get("epoch") and "step" in r]
+    per_epoch = ratios[-1] if ratios else None
+    x = [s / per_epoch if per_epoch else s for s, _ in knn]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, [a for _, a in knn], "o-", color="tab:orange", label="online kNN@20 (train.knn_samples)")
+    results = run / "results.json"
+    if results.is_file():
+        first: dict[str, float] = next(iter(json.loads(results.read_text()).values()), {})
+        if "knn_top1@20" in first:
+            end = max(r["step"] for r in records if "step" in r)  # the run's last step
+            ax.plot(
+                [end / per_epoch if per_epoch else end],
+                [100 * first["knn_top1@20"]],
+                "*",
+                ms=12,
+                color="tab:red",
+                label="final kNN@20 (whole test set)",
+            )
+    ax.set_xlabel("epoch" if per_epoch else "step")
+    ax.set_ylabel("kNN top-1 (%)")
+    ax.set_title(run.name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``attention`` and ``reconstruction`` sub-commands to ``parser`` (``selfsup visualize``); the parsed
     arguments carry ``func`` returning the exit status."""
@@ -315,6 +570,36 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_reconstruction)
 
+    p = sub.add_parser("colorization", help="grayscale input, predicted and true colours of a colorization run")
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument(
+        "--images",
+        nargs="+",
+        default=["0", "1", "2", "3", "4", "5"],
+        help="an image file, a folder of images, or dataset indices (default 0 to 5)",
+    )
+    p.add_argument("--out", default=None, help="output PNG (default: RUN/colorization.png)")
+    p.add_argument(
+        "--split", default="test", choices=["test", "train", "pretrain"], help="dataset split the indices refer to"
+    )
+    p.add_argument("--temperature", type=float, default=None, help="annealed-mean temperature (default 0.38)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_colorization)
+
+    p = sub.add_parser("embeddings", help="t-SNE (or UMAP) of a run's test features coloured by label")
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("--out", default=None, help="output PNG (default: RUN/embeddings_<method>.png)")
+    p.add_argument("--method", default="tsne", choices=["tsne", "umap"], help="umap needs the umap extra")
+    p.add_argument("--samples", type=int, default=2000, help="test images to embed (seeded random sample)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_embeddings)
+
+    p = sub.add_parser("knn-curve", help="online kNN accuracy over training, from the run's metrics.jsonl")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--out", default=None, help="output PNG (default: RUN/knn_curve.png)")
+    p.set_defaults(func=_cmd_knn_curve)
+
 
 def _image_source(items: list[str]) -> str | list[int]:
     """``--images``: dataset indices, or one file or folder."""
@@ -325,12 +610,30 @@ def _image_source(items: list[str]) -> str | list[int]:
     raise SystemExit("--images takes one file or folder, or dataset indices")
 
 
+def _cmd_embeddings(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else _run_folder(args.run) / f"embeddings_{args.method}.png"
+    print(embedding_plot(args.run, out, method=args.method, samples=args.samples, seed=args.seed, device=args.device))
+    return 0
+
+
+def _cmd_knn_curve(args: argparse.Namespace) -> int:
+    print(knn_curve(args.run, Path(args.out) if args.out else _run_folder(args.run) / "knn_curve.png"))
+    return 0
+
+
 def _cmd_reconstruction(args: argparse.Namespace) -> int:
     run = Path(args.run)
     out = Path(args.out) if args.out else (run if run.is_dir() else run.parent.parent) / "reconstruction.png"
     print(
         reconstruction_grid(run, _image_source(args.images), out, split=args.split, seed=args.seed, device=args.device)
     )
+    return 0
+
+
+def _cmd_colorization(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else _run_folder(args.run) / "colorization.png"
+    source = _image_source(args.images)
+    print(colorization_grid(args.run, source, out, split=args.split, temperature=args.temperature, device=args.device))
     return 0
 
 

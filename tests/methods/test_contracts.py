@@ -28,6 +28,9 @@ SMALL = {
     "decoder_embed_dim": 32,
     "decoder_depth": 1,
     "decoder_num_heads": 2,
+    "fc6_dim": 16,
+    "fc7_dim": 32,
+    "num_permutations": 8,
 }
 FACTS = {
     "num_samples": 256,
@@ -36,7 +39,15 @@ FACTS = {
     "batch_size": 8,
     "num_classes": 3,
     "num_global_crops": 2,
+    "mean": (0.5,),
+    "std": (0.25,),
 }
+# Methods that need colour input (colorization predicts ab from L) get 3-channel images.
+CHANNELS = {"colorization": 3}
+
+
+def channels(method: Method) -> int:
+    return max((CHANNELS.get(n, 1) for n in METHOD_NAMES if METHODS.get(n) is type(method)), default=1)
 
 
 def _frozen_convnet(in_channels: int, image_size: int) -> torch.nn.Module:
@@ -46,13 +57,18 @@ def _frozen_convnet(in_channels: int, image_size: int) -> torch.nn.Module:
     return model.requires_grad_(False).eval()  # type: ignore[no-any-return]
 
 
+# Fixed-batch overfit steps where 40 are too few: relative location sees one random neighbour
+# per image per step, so each (image, neighbour) pair recurs only every ~8 steps.
+OVERFIT_STEPS = {"relative_location": 200}
+
 # Frozen models by option name, for the methods that need one (SEED's teacher); optional ones
 # such as finetune's ``init`` (which must match the backbone) keep their default.
 FROZEN = {"teacher": _frozen_convnet}
 
 
-def build(name: str, in_channels: int = 1, image_size: int = 16) -> Method:
+def build(name: str, in_channels: int | None = None, image_size: int = 16) -> Method:
     cls = METHODS.get(name)
+    in_channels = CHANNELS.get(name, 1) if in_channels is None else in_channels
     if cls.requires_token_backbone:  # masked image modelling drops or replaces patch tokens
         backbone = BACKBONES.build(
             "vit_tiny", in_channels=in_channels, image_size=image_size, patch_size=4, embed_dim=32, depth=1, num_heads=2
@@ -61,24 +77,28 @@ def build(name: str, in_channels: int = 1, image_size: int = 16) -> Method:
         backbone = BACKBONES.build("convnet", in_channels=in_channels, image_size=image_size, width=8)
     params = inspect.signature(cls).parameters
     kwargs = {k: v for k, v in SMALL.items() if k in params}
-    kwargs.update({k: FACTS[k] for k in cls.engine_facts})
+    kwargs.update({k: FACTS[k] if k != "in_channels" else in_channels for k in cls.engine_facts})
     kwargs.update({k: FROZEN[k](in_channels, image_size) for k in cls.frozen_models if k in FROZEN})
     return cls(backbone=backbone, **kwargs)  # type: ignore[no-any-return]
 
 
-def smooth_images(batch_size: int, image_size: int = 16, generator: torch.Generator | None = None) -> Tensor:
+def smooth_images(
+    batch_size: int, image_size: int = 16, generator: torch.Generator | None = None, channels: int = 1
+) -> Tensor:
     """Smooth random images in [0, 1] (4x4 noise upsampled): like natural images, neighbouring
     pixels correlate, which masked-prediction methods rely on; white noise has nothing to predict."""
-    coarse = torch.rand(batch_size, 1, 4, 4, generator=generator)
+    coarse = torch.rand(batch_size, channels, 4, 4, generator=generator)
     return torch.nn.functional.interpolate(coarse, size=image_size, mode="bilinear", align_corners=False)
 
 
 def views_of(method: Method, image_size: int = 16) -> torch.nn.Module:
-    return VIEW_RECIPES.build(method.view_recipe, image_size=image_size, in_channels=1, mean=(0.5,), std=(0.25,))
+    return VIEW_RECIPES.build(
+        method.view_recipe, image_size=image_size, in_channels=channels(method), mean=(0.5,), std=(0.25,)
+    )
 
 
 def make_batch(method: Method, batch_size: int = 8, image_size: int = 16) -> Batch:
-    images = smooth_images(batch_size, image_size)
+    images = smooth_images(batch_size, image_size, channels=channels(method))
     return Batch(
         views=views_of(method, image_size)(images),
         index=torch.arange(batch_size),
@@ -174,9 +194,9 @@ def _loop(name: str, seed: int) -> TrainingLoop:
     return TrainingLoop(method, optimizer, schedule, views_of(method), torch.device("cpu"), num_samples=64)
 
 
-def _data(step: int) -> DataBatch:
+def _data(step: int, num_channels: int = 1) -> DataBatch:
     g = torch.Generator().manual_seed(100 + step)
-    images = (smooth_images(8, generator=g) * 255).to(torch.uint8)
+    images = (smooth_images(8, generator=g, channels=num_channels) * 255).to(torch.uint8)
     return DataBatch(images=images, index=torch.arange(8) + 8 * step, label=torch.arange(8) % 3)
 
 
@@ -186,7 +206,7 @@ def _steps(loop: TrainingLoop, steps: range) -> list[float]:
         info = loop.step_info(step)
         if step % loop.schedule.steps_per_epoch == 0:
             loop.epoch_start(step // loop.schedule.steps_per_epoch, info)
-        losses.append(loop.step(_data(step), info)["loss"])
+        losses.append(loop.step(_data(step, channels(loop.method)), info)["loss"])
     return losses
 
 
@@ -222,7 +242,7 @@ def test_embed_shape_and_eval_mode(name: str) -> None:
                 module.running_var.uniform_(0.5, 2)
     method.eval()
     buffers = copy.deepcopy(dict(method.named_buffers()))
-    images = torch.rand(5, 1, 16, 16)
+    images = torch.rand(5, channels(method), 16, 16)
     feats = method.embed(images)
     assert feats.shape == (5, method.num_features)
     torch.testing.assert_close(method.embed(images[:2]), feats[:2], rtol=1e-4, atol=1e-5)
@@ -243,8 +263,9 @@ def test_fixed_batch_overfit_loss_falls(name: str) -> None:
     batch = make_batch(method, batch_size=16)
     opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=3e-3)
     losses = []
-    for step in range(40):
-        out = method.training_step(batch, info(method, step, 40))
+    steps = OVERFIT_STEPS.get(name, 40)
+    for step in range(steps):
+        out = method.training_step(batch, info(method, step, steps))
         losses.append(float(out["loss"].detach()))
         out["loss"].backward()
         opt.step()

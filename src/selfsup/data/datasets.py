@@ -10,6 +10,7 @@ center-crop; ``None`` keeps the native size where the images are all the same si
 ``image-folder``    a folder of images, labelled by class sub-folder or unlabelled
 ``cifar``           an extracted ``cifar-10-batches-py`` or ``cifar-100-python`` folder
 ``npz``             arrays ``x_train``/``y_train`` (+ optional test and unlabelled images)
+``scenes``          synthetic: generated coloured shapes with masks and captions (no files)
 ==================  ==========================================================================
 """
 

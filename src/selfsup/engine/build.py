@@ -188,6 +188,8 @@ def build_method(
         "num_classes": lambda: splits.num_classes,
         # SwAV / DINO: the teacher's views are the recipe's global crops.
         "num_global_crops": lambda: (train_views or build_views(cfg, splits)).num_global_views,
+        "mean": lambda: tuple(splits.mean),
+        "std": lambda: tuple(splits.std),
     }
     for name in method_cls.frozen_models:
         if name in options:

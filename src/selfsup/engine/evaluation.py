@@ -16,9 +16,10 @@ from torch import Tensor, nn
 from selfsup.config import EvalConfig
 from selfsup.data import ImageDataset
 from selfsup.data.loader import iterate_eval
+from selfsup.eval import clustering_metrics, extract_features
 from selfsup.eval import evaluate_features as eval_features
-from selfsup.eval import extract_features
 from selfsup.eval.hog import hog
+from selfsup.eval.retrieval import retrieval_metrics
 from selfsup.nn.distributed import rank as dist_rank
 from selfsup.nn.distributed import world_size as dist_world_size
 from selfsup.transforms import to_float
@@ -115,7 +116,27 @@ def evaluate_features(
         seed=seed,
     )
     keep = ("knn_", "linear_top", *MONITOR_COLUMNS)
-    return {k: v for k, v in metrics.items() if k.startswith(keep)}
+    metrics = {k: v for k, v in metrics.items() if k.startswith(keep)}
+    return {**metrics, **frozen_protocol_metrics(train, test, num_classes, cfg.cluster, cfg.retrieval, seed)}
+
+
+def frozen_protocol_metrics(
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    num_classes: int,
+    cluster: bool,
+    retrieval: bool,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The frozen-feature protocols beyond kNN and the linear probe: k-means on the test
+    features (k = ``num_classes``; ``cluster_acc``, ``nmi``, ``ari``) and test-to-train
+    retrieval (``retrieval_map@r``, ``retrieval_recall@1``, ``retrieval_recall@5``)."""
+    metrics: dict[str, float] = {}
+    if cluster:
+        metrics.update(clustering_metrics(test[0], test[1], num_classes, seed=seed))
+    if retrieval:
+        metrics.update(retrieval_metrics(test[0], test[1], train[0], train[1], ks=(1, 5)))
+    return metrics
 
 
 def evaluate_encoder(
@@ -169,6 +190,11 @@ def baseline_rows(
 
 
 MONITOR_COLUMNS = ("feature_std", "effective_rank")
+#: Scores of the cluster, retrieval and dense protocols (fractions, shown in percent like accuracies).
+PROTOCOL_COLUMNS = (
+    *("cluster_acc", "nmi", "ari", "retrieval_map@r", "retrieval_recall@1", "retrieval_recall@5"),
+    *("dense_miou", "dense_pixel_acc"),
+)
 
 
 def _cell(column: str, metrics: dict[str, Any]) -> str:
@@ -186,7 +212,8 @@ def format_table(rows: dict[str, dict[str, Any]], title: str = "") -> str:
     are fractions; the table shows percent), then the collapse monitors when present."""
     columns: list[str] = []
     for metrics in rows.values():
-        columns += [k for k in metrics if k not in columns and ("top1" in k or k in MONITOR_COLUMNS)]
+        shown = [k for k in metrics if "top1" in k or k in MONITOR_COLUMNS or k in PROTOCOL_COLUMNS]
+        columns += [k for k in shown if k not in columns]
     name_width = max([len("encoder")] + [len(r) for r in rows])
     widths = [max(len(c), 6) for c in columns]
     lines = [title] if title else []

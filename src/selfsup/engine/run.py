@@ -41,6 +41,7 @@ from selfsup.engine.checkpoint import (
     set_rng_state,
 )
 from selfsup.engine.evaluation import baseline_rows, encode, evaluate_encoder, format_table
+from selfsup.engine.export import encoder_metadata
 from selfsup.engine.logging import RunLogger, plot_loss_curve
 from selfsup.engine.loop import DataBatch, LoopSchedule, NonFiniteLossError, TrainingLoop
 from selfsup.engine.optim import build_optimizer
@@ -144,6 +145,14 @@ class PretrainRun:
         random.seed(cfg.train.seed)
         self.run_dir, resume_from = self._run_dir()
         self.parts: Components = build_components(cfg, self.device)
+        if cfg.eval.semi and cfg.eval.at_end:  # a bad label fraction fails now, not after pretraining
+            from selfsup.engine.protocols import semi_supervised_splits
+
+            semi_supervised_splits(cfg, self.parts.splits)
+        if cfg.eval.dense and cfg.eval.at_end:  # a data set without masks fails now too
+            from selfsup.engine.dense import check_masks
+
+            check_masks(self.parts.splits)
         if self.dist.rank > 0:
             # Every process built the same initial model from the same seed; from here on each
             # draws its own augmentations and masks (identical draws on different images
@@ -581,7 +590,7 @@ class PretrainRun:
         if splits.num_classes < 2:
             return {}
         engine_dist.average_batchnorm_stats(self.method, self.dist)  # one model on every process
-        eval_cfg = type(cfg.eval)(**{**cfg.eval.__dict__, "knn_k": [20]})
+        eval_cfg = type(cfg.eval)(**{**cfg.eval.__dict__, "knn_k": [20], "cluster": False, "retrieval": False})
         metrics = evaluate_encoder(
             self.method.embed,
             self.method,
@@ -654,6 +663,20 @@ class PretrainRun:
             )
             bar.update(1)
         bar.close()
+        if cfg.eval.semi and self.dist.is_main:  # fine-tuning runs in one process
+            from selfsup.engine.protocols import semi_supervised_rows
+
+            for name, metrics in semi_supervised_rows(
+                self.method, cfg, splits, self.parts.eval_views, self.device
+            ).items():
+                rows.setdefault(name, {}).update(metrics)
+        if cfg.eval.dense and self.dist.is_main:
+            from selfsup.engine.dense import dense_rows
+
+            for name, metrics in dense_rows(
+                self.method, cfg, splits, self.parts.eval_views, self.device, baselines=cfg.eval.baselines
+            ).items():
+                rows.setdefault(name, {}).update(metrics)
         if self.dist.is_main:
             table = format_table(rows, f"{splits.name} test set, top-1 (%)")
             (self.run_dir / "results.json").write_text(json.dumps(rows, indent=2))
@@ -672,11 +695,11 @@ class PretrainRun:
         save_file(
             state,
             str(path),
-            metadata={
-                "backbone": json.dumps(self.cfg.backbone),
-                "in_channels": str(splits.in_channels),
-                "image_size": str(splits.image_size),
-            },
+            # The preprocessing the encoder expects (normalisation, eval view size) goes with
+            # the weights: selfsup.load_encoder and `selfsup export` read it back.
+            metadata=encoder_metadata(
+                self.cfg.backbone, splits.in_channels, splits.image_size, splits.mean, splits.std
+            ),
         )
         return path
 

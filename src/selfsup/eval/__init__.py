@@ -1,4 +1,5 @@
-"""Evaluation of frozen representations: features, kNN, linear probe, clustering, monitors.
+"""Evaluation of frozen representations: features, kNN, linear probe, clustering, retrieval,
+semi-supervised label subsets, monitors.
 
 Everything here works on tensors, iterables of ``(images, labels, ...)`` batches and
 callables, without the trainer. Accuracies are fractions in ``[0, 1]``.
@@ -17,6 +18,8 @@ from selfsup.eval.linear import (
     linear_probe_encoder,
     train_linear_head,
 )
+from selfsup.eval.retrieval import retrieval_metrics
+from selfsup.eval.semi_supervised import semi_supervised_subsets
 from selfsup.monitors import effective_rank, feature_std
 
 __all__ = [
@@ -36,5 +39,7 @@ __all__ = [
     "linear_probe",
     "linear_probe_encoder",
     "raw_pixel_features",
+    "retrieval_metrics",
+    "semi_supervised_subsets",
     "train_linear_head",
 ]

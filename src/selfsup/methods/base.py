@@ -60,8 +60,19 @@ class Batch:
 
 #: Facts about the run that a method may take in its constructor by declaring them in
 #: ``engine_facts``: the pretraining set's size, image side and channels, the per-process
-#: batch, the number of classes, and the view recipe's number of global crops.
-ENGINE_FACTS = ("num_samples", "image_size", "in_channels", "batch_size", "num_classes", "num_global_crops")
+#: batch, the number of classes, the view recipe's number of global crops, and the data set's
+#: normalisation ``mean`` / ``std`` (per-channel tuples; methods that need [0, 1] pixels from
+#: the normalised views or ``embed`` inputs, e.g. colorization, undo it).
+ENGINE_FACTS = (
+    "num_samples",
+    "image_size",
+    "in_channels",
+    "batch_size",
+    "num_classes",
+    "num_global_crops",
+    "mean",
+    "std",
+)
 
 #: What ``training_step`` returns: ``"loss"`` (scalar tensor), other scalars (logged), and any
 #: non-scalar tensors the method needs after the optimiser step (keys to enqueue, teacher

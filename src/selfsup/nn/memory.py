@@ -7,10 +7,13 @@ process holds the same memory.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfsup.errors import ConfigError
 from selfsup.nn.distributed import concat_all_gather
 
 
@@ -93,10 +96,50 @@ class FIFOQueue(nn.Module):
         return self.queue.clone()
 
 
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes free for new tensors on ``device``: CUDA's free memory, or the host's available
+    RAM (``MemAvailable`` of ``/proc/meminfo``, else ``sysconf``); ``None`` where unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_bank_fits(num_samples: int, dim: int, device: torch.device | str = "cpu", copies: int = 1) -> None:
+    """Raise a one-line ``ConfigError`` if ``copies`` float32 banks ``(num_samples, dim)``
+    would take more than half the free memory of ``device`` (the other half is left for
+    the model, activations and the data).
+
+    References: Wu et al. 2018, InstDisc, arXiv:1805.01978 (the bank holds every sample).
+    """
+    need = copies * num_samples * dim * 4
+    free = available_memory(device)
+    if free is not None and need > free // 2:
+        raise ConfigError(
+            f"memory bank of {copies} x {num_samples} samples x {dim} floats needs {need / 2**30:.2f} GiB, "
+            f"over half the {free / 2**30:.2f} GiB free on {torch.device(device)}; lower the feature "
+            "width (method.proj_dim / feat_dim) or train on a subset of the data"
+        )
+
+
 class IndexMemoryBank(nn.Module):
     """One feature vector per dataset sample, ``bank (N, D)``, updated by momentum.
 
-    Initialised with random unit vectors.
+    Initialised with random unit vectors. Construction checks that the bank fits in the
+    host's memory (it is created there, then moves with the method to the training device).
 
     References: Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric
     Instance Discrimination" (InstDisc), arXiv:1805.01978.
@@ -112,6 +155,7 @@ class IndexMemoryBank(nn.Module):
         super().__init__()
         if num_samples <= 0 or dim <= 0:
             raise ValueError(f"num_samples and dim must be positive, got {num_samples}, {dim}")
+        check_bank_fits(num_samples, dim, "cpu")
         init = F.normalize(torch.randn(num_samples, dim, generator=generator), dim=1)
         self.register_buffer("bank", init)
 

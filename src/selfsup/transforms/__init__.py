@@ -12,19 +12,49 @@ from typing import Any
 
 from selfsup.config import check_options
 from selfsup.registry import VIEW_RECIPES
+from selfsup.transforms.color import (
+    ab_gamut_bins,
+    ab_to_bin,
+    annealed_mean,
+    lab_to_rgb,
+    rebalancing_weights,
+    rgb_to_lab,
+    soft_encode_ab,
+)
 from selfsup.transforms.mixing import cutmix, mixup
 from selfsup.transforms.ops import Normalize, blur_kernel_size, to_float
+from selfsup.transforms.pretext import (
+    drop_color_channels,
+    grid_patches,
+    hamming_permutations,
+    jigsaw_batch,
+    relative_location_batch,
+    rotate_batch,
+)
 from selfsup.transforms.views import ViewGroup, ViewRecipe, augmentation_pipeline
 
 __all__ = [
     "Normalize",
     "ViewGroup",
     "ViewRecipe",
+    "ab_gamut_bins",
+    "ab_to_bin",
+    "annealed_mean",
     "augmentation_pipeline",
     "blur_kernel_size",
     "build_view_recipe",
     "cutmix",
+    "drop_color_channels",
+    "grid_patches",
+    "hamming_permutations",
+    "jigsaw_batch",
+    "lab_to_rgb",
     "mixup",
+    "rebalancing_weights",
+    "relative_location_batch",
+    "rgb_to_lab",
+    "rotate_batch",
+    "soft_encode_ab",
     "to_float",
 ]
 

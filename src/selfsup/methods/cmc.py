@@ -1,0 +1,271 @@
+"""CMC: contrastive multiview coding, one encoder per view, contrast across views.
+
+References: Tian, Krishnan & Isola, "Contrastive Multiview Coding", ECCV 2020
+(arXiv:1906.05849).
+
+Pseudocode (section 3 of the paper, two views ``V1, V2`` of each image, e.g. L and ab)::
+
+    v1, v2 = split(x)                               # L | ab of Lab for RGB input
+    z1, z2 = normalize(h1(f1(v1))), normalize(h2(f2(v2)))   # two half-width encoders, 128-d
+    # main (section 3.2 "memory bank + NCE"): each view's feature is scored against the other
+    # view's bank: positive = bank2[i], m noise rows drawn uniformly, T = 0.07, Z estimated
+    L = NCE(z1; bank2) + NCE(z2; bank1)
+    # option ("in-batch", the full softmax over the batch): L = InfoNCE(z1, z2) + InfoNCE(z2, z1)
+    bank_k[i] <- normalize(0.5 bank_k[i] + 0.5 z_k)  # after the step (on_step_end)
+    representation = concat(f1(v1), f2(v2))         # what is evaluated
+
+Views. ``views="lab"`` is the paper's split for RGB: the (de-normalised) view is converted to
+CIE Lab (``selfsup.transforms.color.rgb_to_lab``) and L (1 channel) and ab (2 channels),
+normalised with the constants of the authors' code, go to the two encoders. Single-channel
+data (Fashion-MNIST) has no channels to split; ``views="halves"`` gives the top and the bottom
+half of the image to the two encoders. The choice: like L and ab, the two halves share no
+input values (a derived view such as a gradient map is a function of the intensity view, so
+what the two encoders share would include low-level edges), and what they have in common is
+the object (a shirt's collar and its hem, a shoe's upper and its sole), which is the
+"view-invariant" information CMC's objective keeps. ``views="auto"`` picks ``lab`` for 3
+channels and ``halves`` otherwise; ``lab`` on other than 3 channels is a one-line error.
+
+Encoders. The configured backbone is a ConvNet: each view gets a ConvNet of the same depth,
+norm, pooling and stem with half its stage width (the paper halves AlexNet/ResNet widths);
+other backbones need ``encoder`` (a ``{name: ..., <options>}`` registry spec, built once per
+view with that view's channel count). The engine's own backbone is not trained; ``backbone``
+becomes the two-view encoder that splits raw (normalised) images and concatenates both
+features, so kNN, linear probes and ``embed`` evaluate the paper's representation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selfsup.errors import ConfigError
+from selfsup.losses import info_nce, nce_loss
+from selfsup.methods.base import Batch, Method, StepInfo, StepOutputs
+from selfsup.methods.instdisc import bank_scores, check_index, estimate_log_z
+from selfsup.monitors import feature_std_tensor
+from selfsup.nn.backbones.convnet import ConvNet
+from selfsup.nn.backbones.protocol import feature_dim
+from selfsup.nn.memory import IndexMemoryBank
+from selfsup.registry import BACKBONES, METHODS
+from selfsup.transforms.color import rgb_to_lab
+
+# Lab normalisation of the authors' code: centre and half-range of L, a and b over sRGB.
+_LAB_MEAN = (50.0, (-86.183 + 98.233) / 2, (-107.857 + 94.478) / 2)
+_LAB_STD = (50.0, (86.183 + 98.233) / 2, (107.857 + 94.478) / 2)
+VIEW_SPLITS = ("auto", "lab", "halves")
+
+
+def resolve_views(views: str, in_channels: int) -> str:
+    """The view split for ``in_channels`` input channels; one-line ``ConfigError`` if impossible."""
+    if views not in VIEW_SPLITS:
+        raise ConfigError(f"method.views must be one of {VIEW_SPLITS}, got {views!r}")
+    if views == "auto":
+        return "lab" if in_channels == 3 else "halves"
+    if views == "lab" and in_channels != 3:
+        raise ConfigError(
+            f"method.views=lab splits RGB into L and ab and needs 3-channel data, got in_channels={in_channels}: "
+            "use method.views=halves (or auto) for single-channel data"
+        )
+    return views
+
+
+class TwoViewEncoder(nn.Module):
+    """Normalised images ``(B, C, H, W)`` -> ``(B, D1 + D2)``: split into the two views, encode
+    each with its own encoder, concatenate the features (CMC's evaluated representation)."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(
+        self, views: str, encoder1: nn.Module, encoder2: nn.Module, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        super().__init__()
+        self.views = views
+        self.encoder1 = encoder1
+        self.encoder2 = encoder2
+        self.num_features = feature_dim(encoder1) + feature_dim(encoder2)
+        # Not persistent: derived from the data set, not learnt (keeps exported weights plain).
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, C, H, W)`` -> the two views: ``(B, 1, H, W)`` L and ``(B, 2, H, W)`` ab, or the
+        ``(B, C, H // 2, W)`` top and ``(B, C, H - H // 2, W)`` bottom halves."""
+        if self.views == "lab":
+            rgb = (x.float() * self.std + self.mean).clamp(0.0, 1.0)
+            lab = rgb_to_lab(rgb)
+            lab = (lab - lab.new_tensor(_LAB_MEAN).view(1, 3, 1, 1)) / lab.new_tensor(_LAB_STD).view(1, 3, 1, 1)
+            return lab[:, :1].to(x.dtype), lab[:, 1:].to(x.dtype)
+        h = x.shape[-2] // 2
+        return x[..., :h, :], x[..., h:, :]
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, C, H, W)`` -> each view's features ``(B, D1)``, ``(B, D2)``."""
+        v1, v2 = self.split(x)
+        return self.encoder1(v1), self.encoder2(v2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat(self.encode(x), dim=1)
+
+
+def half_width_encoder(
+    backbone: nn.Module, in_channels: int, image_size: int, spec: Mapping[str, Any] | None
+) -> nn.Module:
+    """A view encoder with ``in_channels`` inputs: from ``spec`` (registry name + options) if
+    given, else a ConvNet like ``backbone`` at half its stage width."""
+    if spec is not None:
+        options = dict(spec)
+        name = options.pop("name", None)
+        if not isinstance(name, str):
+            raise ConfigError(f"method.encoder needs a backbone name, e.g. {{name: convnet, width: 16}}; got {spec!r}")
+        return BACKBONES.build(name, in_channels=in_channels, image_size=image_size, **options)
+    if not isinstance(backbone, ConvNet):
+        raise ConfigError(
+            f"cmc halves a convnet backbone's width for its two encoders; for {type(backbone).__name__} give "
+            "method.encoder={name: <backbone>, <options>} (one encoder per view)"
+        )
+    stem = backbone.stages[0]
+    conv, norm = (stem[0], stem[1]) if isinstance(stem, nn.Sequential) else (None, None)
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"unexpected ConvNet stem {stem!r}: expected Sequential(Conv2d, norm, ReLU)")
+    kind = "bn" if isinstance(norm, nn.BatchNorm2d) else "gn" if isinstance(norm, nn.GroupNorm) else "none"
+    return ConvNet(
+        in_channels=in_channels,
+        width=max(1, conv.out_channels // 2),
+        depth=len(backbone.stages),
+        norm=kind,
+        pool="max" if isinstance(backbone.pool, nn.MaxPool2d) else "avg",
+        stem_stride=int(conv.stride[0]),
+    )
+
+
+@METHODS.register("cmc")
+class CMC(Method):
+    """CMC with two views, paper defaults (memory banks + NCE, T = 0.07, m = 4096, 128-d).
+
+    Args:
+        backbone: the configured encoder; its kind and width define the two half-width encoders.
+        num_samples, in_channels, image_size, mean, std: run facts (set by the engine).
+        views: ``"auto"``, ``"lab"`` (L vs ab, the paper's) or ``"halves"`` (top vs bottom).
+        encoder: optional registry spec of each view's encoder (default: half-width ConvNet).
+        feat_dim: embedding width (paper: 128).
+        objective: ``"nce"`` (memory banks and NCE, the paper's main) or ``"infonce"`` (in-batch
+            softmax over the other view's embeddings, both directions; gathered across processes).
+        temperature: ``T`` (paper: 0.07).
+        num_negatives: noise samples ``m`` per image and view for NCE (paper: 4096 on STL-10,
+            16384 on ImageNet).
+        bank_momentum: bank update momentum (paper: 0.5, as InstDisc).
+        z_estimate: ``"first_batch"`` (paper) or ``"per_batch"`` (see ``selfsup.methods.instdisc``).
+
+    Forward: one view ``(B, C, H, W)`` split in two; embeddings ``(B, feat_dim)`` per view.
+    """
+
+    view_recipe = "single_view"
+    engine_facts = ("num_samples", "in_channels", "image_size", "mean", "std")
+    lr_scaling = "linear"
+
+    backbone: TwoViewEncoder
+    z_log: Tensor
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_samples: int = 1281167,
+        in_channels: int = 3,
+        image_size: int = 224,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        views: str = "auto",
+        encoder: Mapping[str, Any] | None = None,
+        feat_dim: int = 128,
+        objective: str = "nce",
+        temperature: float = 0.07,
+        num_negatives: int = 4096,
+        bank_momentum: float = 0.5,
+        z_estimate: str = "first_batch",
+    ) -> None:
+        super().__init__()
+        if objective not in ("nce", "infonce"):
+            raise ConfigError(f"method.objective must be 'nce' (paper's main) or 'infonce', got {objective!r}")
+        if z_estimate not in ("first_batch", "per_batch"):
+            raise ConfigError(f"method.z_estimate must be 'first_batch' (paper) or 'per_batch', got {z_estimate!r}")
+        split = resolve_views(views, in_channels)
+        channels = (1, 2) if split == "lab" else (in_channels, in_channels)
+        if len(mean) == 1 and in_channels > 1:
+            mean, std = tuple(mean) * in_channels, tuple(std) * in_channels
+        encoders = [half_width_encoder(backbone, c, image_size, encoder) for c in channels]
+        self.backbone = TwoViewEncoder(split, encoders[0], encoders[1], mean, std)
+        self.head1 = nn.Linear(feature_dim(encoders[0]), feat_dim)
+        self.head2 = nn.Linear(feature_dim(encoders[1]), feat_dim)
+        self.objective = objective
+        self.temperature = temperature
+        self.num_negatives = num_negatives
+        self.bank_momentum = bank_momentum
+        self.z_estimate = z_estimate
+        self.num_samples = num_samples
+        if objective == "nce":
+            self.bank1 = IndexMemoryBank(num_samples, feat_dim)
+            self.bank2 = IndexMemoryBank(num_samples, feat_dim)
+            # log Z of each view's NCE (against bank2, against bank1); -inf until estimated.
+            self.register_buffer("z_log", torch.full((2,), float("-inf")))
+
+    @property
+    def z_estimated(self) -> bool:
+        return self.objective == "nce" and bool(torch.isfinite(self.z_log).all())
+
+    def embeddings(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, C, H, W)`` -> the two views' normalised embeddings ``(B, feat_dim)`` each."""
+        h1, h2 = self.backbone.encode(x)
+        return F.normalize(self.head1(h1).float(), dim=1), F.normalize(self.head2(h2).float(), dim=1)
+
+    def noise_index(self, batch_size: int, device: torch.device) -> Tensor:
+        """``(2, B, m)`` uniform noise indices, one set per view's NCE."""
+        return torch.randint(self.num_samples, (2, batch_size, self.num_negatives), device=device)
+
+    def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
+        x = batch.views[0]
+        z1, z2 = self.embeddings(x)
+        outputs: dict[str, Tensor] = {"z_std": feature_std_tensor(z1)}
+        if self.objective == "infonce":
+            loss = info_nce(z1, z2, temperature=self.temperature, gather=True)
+            loss = loss + info_nce(z2, z1, temperature=self.temperature, gather=True)
+            outputs["loss"] = loss
+            return outputs
+        check_index(batch.index, x.shape[0], self.num_samples, "cmc")
+        index = batch.index.to(z1.device, torch.long)
+        noise = self.noise_index(x.shape[0], z1.device)
+        fixed = self.z_estimated and self.z_estimate == "first_batch"
+        losses, z_logs = [], []
+        # View 1 against view 2's bank and view 2 against view 1's: the positive is the other
+        # view of the same image.
+        for k, (z, bank) in enumerate(((z1, self.bank2.bank), (z2, self.bank1.bank))):
+            candidates = torch.cat([index[:, None], noise[k]], dim=1)
+            scores = bank_scores(z, bank, candidates, self.temperature)
+            z_log = self.z_log[k : k + 1] if fixed else estimate_log_z(scores.detach(), self.num_samples)
+            log_p = scores - z_log
+            losses.append(nce_loss(log_p[:, 0], log_p[:, 1:], -math.log(self.num_samples)))
+            z_logs.append(z_log.detach())
+        outputs.update(
+            loss=losses[0] + losses[1],
+            nce_12=losses[0].detach(),
+            nce_21=losses[1].detach(),
+            features1=z1.detach(),
+            features2=z2.detach(),
+            index=index,
+            z_log=torch.cat(z_logs).repeat(x.shape[0], 1),
+        )
+        return outputs
+
+    def on_step_end(self, step: StepInfo, outputs: StepOutputs) -> None:
+        if self.objective != "nce":
+            return
+        # Z and the banks change only here, after the optimiser step.
+        if not self.z_estimated or self.z_estimate == "per_batch":
+            self.z_log.copy_(outputs["z_log"][0])
+        self.bank1.update(outputs["index"], outputs["features1"], momentum=self.bank_momentum)
+        self.bank2.update(outputs["index"], outputs["features2"], momentum=self.bank_momentum)

@@ -1,0 +1,198 @@
+"""InstDisc (NPID): every image is its own class, a memory bank of all features, NCE.
+
+References: Wu, Xiong, Yu & Lin, "Unsupervised Feature Learning via Non-Parametric Instance
+Discrimination", CVPR 2018 (arXiv:1805.01978).
+
+The non-parametric softmax over the ``N`` training images (eq. 2), with ``v = f(x)`` the
+L2-normalised 128-d feature of image ``i`` and ``v_j`` the bank's entries::
+
+    P(i | v) = exp(v_i . v / T) / Z_i,    Z_i = sum_j exp(v_j . v / T)       (T = 0.07)
+
+is learnt by noise-contrastive estimation (section 3.2) with ``m = 4096`` noise samples drawn
+uniformly, ``P_n = 1 / N``, and the posterior that ``v`` came from the data::
+
+    h(i, v) = P(i | v) / (P(i | v) + m P_n)
+    J_NCE   = -E_data[log h(i, v_i)] - m E_noise[log(1 - h(i, v'))]
+
+``Z`` is a constant estimated once by Monte Carlo, ``Z ~ N E_j[exp(v_j . v / T)]``, here from
+the first batch's scores (positive and noise columns), as the authors' implementation does.
+After each step the bank rows of the batch become ``normalize(0.5 v_i + 0.5 f_i)``
+(``on_step_end``). The proximal regulariser of section 3.4 adds ``lambda |v_i^t - v_i^{t-1}|^2``
+(the current feature against its bank entry) to the data term; it is off by default
+(``proximal=0``): the authors' released code, which reproduces the paper's ImageNet
+results, trains without it; the paper's value is ``lambda = 30``.
+
+Measured caveat (digits, Fashion-MNIST-sized banks): with ``Z`` fixed from the first batch,
+when the bank still holds random vectors, ``Z`` is several nats too small once the bank holds
+real features (which are far from orthogonal), every noise posterior saturates at 1, the
+noise term pushes all features the same way and the bank collapses (loss rising from ~10 to
+hundreds, bank mean cosine -> 0.9). ``z_estimate="per_batch"`` re-estimates ``Z`` from every
+batch (same Monte Carlo formula, no gradient) and trains stably; the shipped configs use it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selfsup.errors import DataError
+from selfsup.losses import nce_loss
+from selfsup.methods.base import Batch, Method, StepInfo, StepOutputs
+from selfsup.monitors import feature_std_tensor
+from selfsup.nn.backbones.protocol import feature_dim
+from selfsup.nn.distributed import all_reduce_mean
+from selfsup.nn.memory import IndexMemoryBank
+from selfsup.registry import METHODS
+
+
+def check_index(index: Tensor, batch_size: int, num_samples: int, method: str) -> None:
+    """One-line ``DataError`` unless ``index`` holds each sample's data-set index in
+    ``[0, num_samples)`` as a ``(B,)`` integer tensor: a memory bank has one row per sample."""
+    if index is None or index.ndim != 1 or index.shape[0] != batch_size or index.is_floating_point():
+        shape = None if index is None else tuple(index.shape)
+        raise DataError(
+            f"{method} needs each image's data-set index (Batch.index of shape ({batch_size},)), got {shape}; "
+            "use a data set that yields (image, label, index)"
+        )
+    low, high = int(index.min()), int(index.max())
+    if low < 0 or high >= num_samples:
+        raise DataError(
+            f"{method}: sample index {high if high >= num_samples else low} is outside the memory bank's "
+            f"0..{num_samples - 1}; num_samples must be the pretraining set's size and the indices its positions"
+        )
+
+
+def bank_scores(features: Tensor, bank: Tensor, index: Tensor, temperature: float) -> Tensor:
+    """``features (B, D) . bank[index] / T`` for ``index (B, K)`` -> ``(B, K)``, float32.
+
+    Two equal computations, the cheaper one chosen: gathering ``B * K * D`` bank values
+    (ImageNet, ``N >> K``), or scoring every row ``(B, N)`` and picking ``K`` of them (small
+    data sets, where ``B * K * D`` floats would cost more memory than ``B * N``).
+    """
+    f = features.float()
+    with torch.autocast(f.device.type, enabled=False):
+        if bank.shape[0] <= index.shape[1] * bank.shape[1] // 8:
+            return torch.gather(f @ bank.T, 1, index) / temperature
+        return torch.einsum("bd,bkd->bk", f, bank[index]) / temperature
+
+
+@torch.no_grad()
+def estimate_log_z(scores: Tensor, num_samples: int) -> Tensor:
+    """``log Z`` with ``Z = N * mean(exp(scores))`` over ``(B, K)`` scores (already ``/ T``),
+    averaged over processes, as a ``(1,)`` tensor: the paper's Monte Carlo estimate of the
+    softmax's normaliser (section 3.2), kept fixed afterwards."""
+    # mean(exp(s)) = exp(logsumexp(s) - log(count)): no overflow at T = 0.07.
+    log_mean = torch.logsumexp(scores.float().flatten(), 0) - math.log(scores.numel())
+    mean = all_reduce_mean(torch.exp(log_mean).reshape(1))
+    return torch.log(mean) + math.log(num_samples)
+
+
+@METHODS.register("instdisc")
+class InstDisc(Method):
+    """Instance discrimination with a memory bank and NCE (paper defaults).
+
+    Args:
+        backbone: encoder ``(B, C, H, W) -> (B, num_features)``.
+        num_samples: size of the pretraining set ``N`` (set by the engine): one bank row each.
+        feat_dim: width of the L2-normalised embedding (paper: 128, a linear layer replacing
+            the classifier).
+        temperature: softmax temperature ``T`` (paper: 0.07).
+        num_negatives: noise samples ``m`` per image, drawn uniformly from the bank with
+            replacement (paper: 4096).
+        bank_momentum: bank update ``v_i <- normalize(m v_i + (1 - m) f_i)`` (paper: 0.5).
+        proximal: weight ``lambda`` of the proximal term ``|f_i - v_i|^2`` (paper section 3.4:
+            30; 0 = off, the default, as the authors' released code).
+        z_estimate: ``"first_batch"`` (the paper: ``Z`` estimated once and kept in the
+            ``z_log`` buffer) or ``"per_batch"`` (re-estimated from each batch; see the module
+            docstring for why the small-data configs need it).
+
+    Forward: one view ``(B, C, H, W)`` (the paper's single augmented image), its features
+    ``f (B, feat_dim)``; scores against the bank rows ``[i, noise_1..m] (B, 1 + m)``.
+    """
+
+    view_recipe = "single_view"
+    engine_facts = ("num_samples",)
+    lr_scaling = "linear"
+
+    z_log: Tensor
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_samples: int = 1281167,
+        feat_dim: int = 128,
+        temperature: float = 0.07,
+        num_negatives: int = 4096,
+        bank_momentum: float = 0.5,
+        proximal: float = 0.0,
+        z_estimate: str = "first_batch",
+    ) -> None:
+        super().__init__()
+        if z_estimate not in ("first_batch", "per_batch"):
+            raise ValueError(f"z_estimate must be 'first_batch' (paper) or 'per_batch', got {z_estimate!r}")
+        if num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1 (paper: 4096), got {num_negatives}")
+        if not 0.0 <= bank_momentum < 1.0:
+            raise ValueError(f"bank_momentum must be in [0, 1) (paper: 0.5), got {bank_momentum}")
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim(backbone), feat_dim)
+        self.bank = IndexMemoryBank(num_samples, feat_dim)
+        self.num_samples = num_samples
+        self.temperature = temperature
+        self.num_negatives = num_negatives
+        self.bank_momentum = bank_momentum
+        self.proximal = proximal
+        self.z_estimate = z_estimate
+        # log Z; -inf (Z = 0, impossible) until the first step estimates it. Persistent, so a
+        # resumed run keeps the estimate.
+        self.register_buffer("z_log", torch.full((1,), float("-inf")))
+
+    @property
+    def z_estimated(self) -> bool:
+        """Whether ``Z`` has been estimated (by the first step's ``on_step_end``)."""
+        return bool(torch.isfinite(self.z_log).all())
+
+    def embedding(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, feat_dim)`` L2-normalised features ``v = f(x)``."""
+        return F.normalize(self.head(self.backbone(x)).float(), dim=1)
+
+    def noise_index(self, batch_size: int, device: torch.device) -> Tensor:
+        """``(B, m)`` noise indices drawn uniformly from ``[0, N)`` (``P_n = 1 / N``)."""
+        return torch.randint(self.num_samples, (batch_size, self.num_negatives), device=device)
+
+    def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
+        x = batch.views[0]
+        check_index(batch.index, x.shape[0], self.num_samples, "instdisc")
+        v = self.embedding(x)
+        index = batch.index.to(v.device, torch.long)
+        candidates = torch.cat([index[:, None], self.noise_index(x.shape[0], v.device)], dim=1)
+        scores = bank_scores(v, self.bank.bank, candidates, self.temperature)  # (B, 1 + m)
+        # Z is estimated from the first batch and then held fixed (a constant, no gradient).
+        fixed = self.z_estimated and self.z_estimate == "first_batch"
+        z_log = self.z_log if fixed else estimate_log_z(scores.detach(), self.num_samples)
+        log_p = scores - z_log
+        nce = nce_loss(log_p[:, 0], log_p[:, 1:], -math.log(self.num_samples))
+        outputs: dict[str, Tensor] = {
+            "loss": nce,
+            "nce_loss": nce.detach(),
+            "z_std": feature_std_tensor(v),
+            "features": v.detach(),
+            "index": index,
+            "z_log": z_log.detach().expand(x.shape[0]),
+        }
+        if self.proximal > 0:
+            prox = (v - self.bank.bank[index]).square().sum(dim=1).mean()
+            outputs["loss"] = nce + self.proximal * prox
+            outputs["proximal_loss"] = prox.detach()
+        return outputs
+
+    def on_step_end(self, step: StepInfo, outputs: StepOutputs) -> None:
+        # The bank and Z change only here, after the optimiser step: the bank rows of this
+        # step's images (every process's, gathered in IndexMemoryBank.update) move toward
+        # their new features.
+        if not self.z_estimated or self.z_estimate == "per_batch":
+            self.z_log.copy_(outputs["z_log"][:1])  # the last estimate (logged, and kept for resume)
+        self.bank.update(outputs["index"], outputs["features"], momentum=self.bank_momentum)
