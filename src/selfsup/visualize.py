@@ -206,6 +206,62 @@ def attention_maps(
     return paths
 
 
+def _method_and_inputs(
+    run_dir_or_ckpt: str | Path,
+    source: str | Path | Sequence[int],
+    split: str,
+    device: str,
+    needs: str,
+    hint: str,
+) -> tuple[Method, DataSplits, Tensor, list[str]]:
+    """A run's method with its trained weights (eval mode, on ``device``), its data, and the
+    chosen images through the eval view ``(N, C, S, S)`` with their names; a ``TypeError``
+    naming ``hint`` when the method has no ``needs`` method (e.g. ``reconstruct``)."""
+    from selfsup.config import from_dict
+    from selfsup.engine.build import build_data, build_method
+    from selfsup.engine.checkpoint import load_checkpoint
+    from selfsup.registry import VIEW_RECIPES
+
+    state = load_checkpoint(run_dir_or_ckpt)
+    cfg = from_dict(state["config"])
+    splits = build_data(cfg)
+    method = build_method(cfg, splits)
+    if not callable(getattr(method, needs, None)):
+        raise TypeError(f"method {cfg.method['name']!r} ({type(method).__name__}) has no {needs}(); {hint}")
+    method.load_state_dict(state["method"])
+    method = method.to(device).eval()
+    size = splits.image_size
+    images, names = _load_images(source, splits, size, splits.in_channels, split)
+    views = VIEW_RECIPES.build(
+        "eval", image_size=size, in_channels=splits.in_channels, mean=splits.mean, std=splits.std
+    )
+    return method, splits, views(images)[0].to(device), names
+
+
+def _image_grid_figure(names: list[str], columns: Sequence[tuple[str, Tensor]], out_path: str | Path) -> Path:
+    """Writes a PNG with one row per image and one column per ``(title, (B, H, W, C) in [0, 1])``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(names), len(columns), figsize=(2.2 * len(columns), 2.2 * len(names)), squeeze=False)
+    for i, name in enumerate(names):
+        for j, (title, batch) in enumerate(columns):
+            img = batch[i].float().cpu()
+            gray = img.shape[-1] == 1
+            pixels = img.squeeze(-1).numpy() if gray else img.numpy()
+            axes[i, j].imshow(pixels, cmap="gray" if gray else None, vmin=0.0, vmax=1.0)
+            axes[i, j].set_title(f"{name}: {title}" if j == 0 else title, fontsize=8)
+            axes[i, j].axis("off")
+    fig.tight_layout()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def reconstruction_grid(
     run_dir_or_ckpt: str | Path,
     images_path_or_dataset_indices: str | Path | Sequence[int],
@@ -239,34 +295,16 @@ def reconstruction_grid(
     References: He et al. 2021, "Masked Autoencoders Are Scalable Vision Learners",
     arXiv:2111.06377, Figure 2.
     """
-    import matplotlib
     import torch
 
-    from selfsup.config import from_dict
-    from selfsup.engine.build import build_data, build_method
-    from selfsup.engine.checkpoint import load_checkpoint
-    from selfsup.registry import VIEW_RECIPES
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    state = load_checkpoint(run_dir_or_ckpt)
-    cfg = from_dict(state["config"])
-    splits = build_data(cfg)
-    method = build_method(cfg, splits)
-    if not callable(getattr(method, "reconstruct", None)):
-        raise TypeError(
-            f"method {cfg.method['name']!r} ({type(method).__name__}) has no reconstruct(); "
-            "reconstructions need a masked autoencoder such as mae"
-        )
-    method.load_state_dict(state["method"])
-    method = method.to(device).eval()
-    size = splits.image_size
-    images, names = _load_images(images_path_or_dataset_indices, splits, size, splits.in_channels, split)
-    views = VIEW_RECIPES.build(
-        "eval", image_size=size, in_channels=splits.in_channels, mean=splits.mean, std=splits.std
+    method, splits, x, names = _method_and_inputs(
+        run_dir_or_ckpt,
+        images_path_or_dataset_indices,
+        split,
+        device,
+        "reconstruct",
+        "reconstructions need a masked autoencoder such as mae",
     )
-    x = views(images)[0].to(device)
     torch.manual_seed(seed)  # masks draw from the global generator
     masked, recon = method.reconstruct(x)  # type: ignore[operator]
     channels = splits.in_channels
@@ -278,19 +316,7 @@ def reconstruction_grid(
         return (t.detach().float().cpu() * std + mean).clamp(0.0, 1.0).permute(0, 2, 3, 1)
 
     columns = [("input", shown(x)), ("masked", shown(masked)), ("reconstruction", shown(recon))]
-    fig, axes = plt.subplots(len(names), 3, figsize=(6.6, 2.2 * len(names)), squeeze=False)
-    for i, name in enumerate(names):
-        for j, (title, batch) in enumerate(columns):
-            img = batch[i].squeeze(-1) if channels == 1 else batch[i]
-            axes[i, j].imshow(img.numpy(), cmap="gray" if channels == 1 else None, vmin=0.0, vmax=1.0)
-            axes[i, j].set_title(f"{name}: {title}" if j == 0 else title, fontsize=8)
-            axes[i, j].axis("off")
-    fig.tight_layout()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _image_grid_figure(names, columns, out_path)
 
 
 def colorization_grid(
@@ -325,46 +351,18 @@ def colorization_grid(
 
     References: Zhang, Isola & Efros 2016, "Colorful Image Colorization", arXiv:1603.08511.
     """
-    import matplotlib
-
-    from selfsup.config import from_dict
-    from selfsup.engine.build import build_data, build_method
-    from selfsup.engine.checkpoint import load_checkpoint
-    from selfsup.registry import VIEW_RECIPES
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    state = load_checkpoint(run_dir_or_ckpt)
-    cfg = from_dict(state["config"])
-    splits = build_data(cfg)
-    method = build_method(cfg, splits)
-    if not callable(getattr(method, "colorize", None)):
-        raise TypeError(
-            f"method {cfg.method['name']!r} ({type(method).__name__}) has no colorize(); "
-            "colour predictions need a colorization run"
-        )
-    method.load_state_dict(state["method"])
-    method = method.to(device).eval()
-    size = splits.image_size
-    images, names = _load_images(images_path_or_dataset_indices, splits, size, splits.in_channels, split)
-    views = VIEW_RECIPES.build(
-        "eval", image_size=size, in_channels=splits.in_channels, mean=splits.mean, std=splits.std
+    method, _, x, names = _method_and_inputs(
+        run_dir_or_ckpt,
+        images_path_or_dataset_indices,
+        split,
+        device,
+        "colorize",
+        "colour predictions need a colorization run",
     )
-    shown = method.colorize(views(images)[0].to(device), temperature)  # type: ignore[operator]
+    shown = method.colorize(x, temperature)  # type: ignore[operator]
     titles = ("grayscale input", f"predicted (T={temperature or getattr(method, 'temperature', '')})", "ground truth")
-    fig, axes = plt.subplots(len(names), 3, figsize=(6.6, 2.2 * len(names)), squeeze=False)
-    for i, name in enumerate(names):
-        for j, (title, batch) in enumerate(zip(titles, shown)):
-            axes[i, j].imshow(batch[i].float().cpu().permute(1, 2, 0).numpy(), vmin=0.0, vmax=1.0)
-            axes[i, j].set_title(f"{name}: {title}" if j == 0 else title, fontsize=8)
-            axes[i, j].axis("off")
-    fig.tight_layout()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    columns = [(title, batch.permute(0, 2, 3, 1)) for title, batch in zip(titles, shown)]
+    return _image_grid_figure(names, columns, out_path)
 
 
 def _run_folder(run_dir_or_ckpt: str | Path) -> Path:
