@@ -4,7 +4,6 @@ two processes x B equal to one process x 2B (loss, gradients, Z and bank)."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 from pathlib import Path
@@ -13,7 +12,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -25,6 +23,7 @@ from selfsup.methods.instdisc import InstDisc, bank_scores
 from selfsup.nn.memory import check_bank_fits
 from selfsup.registry import BACKBONES
 from tests.conftest import tiny_config
+from tests.multiprocess import results_on_ranks
 
 N, M, D_IN, FEAT, T = 40, 7, 12, 6, 0.07
 
@@ -247,21 +246,9 @@ def _ddp_step(r: int | None) -> dict[str, Any]:
     }
 
 
-def _worker(r: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=r, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
-        torch.save(_ddp_step(r), Path(out_dir) / f"rank{r}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_global_batch(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = results_on_ranks(_ddp_step, WORLD, tmp_path)
     ref = _ddp_step(None)
     torch.testing.assert_close(sum(o["loss"] for o in ranks) / WORLD, ref["loss"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sum(o["loss2"] for o in ranks) / WORLD, ref["loss2"], rtol=1e-5, atol=1e-6)

@@ -9,16 +9,13 @@ inputs is ``world_size`` times the single-process gradient of its slice.
 
 from __future__ import annotations
 
-import datetime
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from selfsup.losses import (
@@ -32,6 +29,7 @@ from selfsup.losses import (
 from selfsup.nn import distributed as sd
 from selfsup.nn.memory import FIFOQueue, IndexMemoryBank
 from selfsup.nn.sinkhorn import sinkhorn_knopp
+from tests.multiprocess import results_on_ranks
 
 WORLD = 2
 B = 3  # per-process batch
@@ -141,26 +139,10 @@ def _checks(r: int) -> dict[str, Any]:
     return out
 
 
-def _worker(r: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=r,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        torch.save(_checks(r), Path(out_dir) / f"rank{r}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return results_on_ranks(_checks, WORLD, tmp)
 
 
 def test_single_process_helpers_are_noops() -> None:
