@@ -17,6 +17,7 @@ from selfsup.losses.metric import (
 )
 from selfsup.losses.multimodal import CLIP_INIT_LOGIT_SCALE, clip_loss
 from selfsup.losses.non_contrastive import barlow_twins_loss, byol_loss, negative_cosine
+from selfsup.losses.pretext import pretext_classification
 
 __all__ = [
     "CLIP_INIT_LOGIT_SCALE",
@@ -42,6 +43,7 @@ __all__ = [
     "nce_loss",
     "negative_cosine",
     "nt_xent",
+    "pretext_classification",
     "rebalanced_soft_cross_entropy",
     "seed_loss",
     "soft_nearest_neighbour_loss",

@@ -28,10 +28,10 @@ resize the images first (``data.image_size``) so the patches hold some structure
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.errors import ConfigError
+from selfsup.losses import pretext_classification
 from selfsup.methods.base import Batch, Method, StepInfo
 from selfsup.monitors import feature_std_tensor
 from selfsup.nn.backbones.protocol import feature_dim
@@ -104,7 +104,5 @@ class RelativeLocation(Method):
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
         logits, labels, h = self.logits_and_labels(batch.views[0])
-        loss = F.cross_entropy(logits.float(), labels)
-        with torch.no_grad():
-            accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        loss, accuracy = pretext_classification(logits, labels)
         return {"loss": loss, "pretext_acc": accuracy, "h_std": feature_std_tensor(h)}

@@ -18,9 +18,9 @@ artefacts that would give the angle away) and, for upright photos, unambiguous.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfsup.losses import pretext_classification
 from selfsup.methods.base import Batch, Method, StepInfo
 from selfsup.monitors import feature_std_tensor
 from selfsup.nn.backbones.protocol import feature_dim
@@ -68,6 +68,5 @@ class Rotation(Method):
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
         logits, labels, h = self.logits_and_labels(batch.views[0])
-        loss = F.cross_entropy(logits.float(), labels)
-        accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
+        loss, accuracy = pretext_classification(logits, labels)
         return {"loss": loss, "pretext_acc": accuracy, "h_std": feature_std_tensor(h)}
