@@ -104,6 +104,12 @@ def tiny(tmp: Path, *extra: str) -> list[str]:
     ]
 
 
+def tiny_of(config: str, tmp: Path, *extra: str) -> list[str]:
+    """``tiny`` on another shipped config, keeping that config's method options."""
+    argv = [a for a in tiny(tmp, *extra) if not a.startswith("method.proj")]
+    return [argv[0], config, *argv[2:]]
+
+
 def image_folder(tmp: Path, good: int, bad: int) -> Path:
     """A folder of ``good`` readable PNGs and ``bad`` undecodable ones."""
     from PIL import Image
@@ -165,6 +171,40 @@ CASES = [
         lambda t, r: tiny(t, "backbone.name=timm", "backbone.model_name=resnet18"),
         2,
         skip=None if importlib.util.find_spec("timm") is None else "timm is installed",
+    ),
+    Fault(
+        "method.name=colorization on 1-channel data (digits)",
+        lambda t, r: tiny_of("rotation/digits", t, "method.name=colorization"),
+        2,
+    ),
+    Fault("method.views=lab (cmc) on 1-channel data", lambda t, r: tiny_of("cmc/digits", t, "method.views=lab"), 2),
+    Fault(
+        "method.queue_size=100 with train.batch_size=64 (moco_v1)",
+        lambda t, r: tiny_of("moco_v1/digits", t, "method.queue_size=100"),
+        2,
+    ),
+    Fault(
+        "method.tile_size=20 on 24 px images (jigsaw)",
+        lambda t, r: tiny_of("jigsaw/digits", t, "method.tile_size=20"),
+        2,
+    ),
+    Fault("eval.semi_fractions=[0]", lambda t, r: tiny(t, "eval.semi_fractions=[0]"), 2),
+    Fault("eval dense <a run on a data set without masks>", lambda t, r: ["eval", "dense", str(r)], 2),
+    Fault(
+        "embed <neither a folder nor a data set>",
+        lambda t, r: ["embed", str(r), str(t / "nowhere"), "-o", str(t / "out")],
+        2,
+    ),
+    Fault(
+        "visualize colorization on a run that is not colorization",
+        lambda t, r: ["visualize", "colorization", str(r)],
+        2,
+    ),
+    Fault(
+        "visualize embeddings --method umap without umap-learn",
+        lambda t, r: ["visualize", "embeddings", str(r), "--method", "umap"],
+        2,
+        skip=None if importlib.util.find_spec("umap") is None else "umap-learn is installed",
     ),
     Fault(
         "data.root=<a folder that does not exist>",

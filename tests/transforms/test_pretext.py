@@ -169,7 +169,8 @@ def test_patches_that_do_not_fit_are_one_line_errors() -> None:
 @pytest.mark.parametrize(
     ("method", "options", "match"),
     [
-        ("jigsaw", {"image_size": 8}, r"set method\.tile_size or resize larger with data\.image_size"),
+        ("jigsaw", {"image_size": 8}, r"at least 9 px .* got 8 px: resize larger with data\.image_size"),
+        ("jigsaw", {"image_size": 30, "tile_size": 2}, r"set method\.tile_size or resize larger with data\.image_size"),
         ("jigsaw", {"image_size": 30, "tile_size": 11}, "tiles of 11 px do not fit 10 px cells"),
         ("jigsaw", {"image_size": 30, "num_permutations": 362881}, "out of reach"),
         ("relative_location", {"image_size": 8}, r"set method\.patch_size"),

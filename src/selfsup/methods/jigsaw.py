@@ -86,6 +86,11 @@ class Jigsaw(Method):
         super().__init__()
         cell = image_size // GRID
         self.tile_size = cell * PAPER_TILE // PAPER_CELL if tile_size is None else tile_size
+        if cell < MIN_PATCH_SIZE:
+            raise ConfigError(
+                f"jigsaw needs images of at least {GRID * MIN_PATCH_SIZE} px ({GRID}x{GRID} cells of "
+                f">= {MIN_PATCH_SIZE} px), got {image_size} px: resize larger with data.image_size"
+            )
         if not MIN_PATCH_SIZE <= self.tile_size <= cell:
             raise ConfigError(
                 f"jigsaw tiles of {self.tile_size} px do not fit {cell} px cells of {image_size} px images "
