@@ -362,3 +362,103 @@ def test_timm_layout_export(runs: dict[str, Path], tmp_path: Path) -> None:
         export_encoder(runs["convnet"], "safetensors", tmp_path / "c.safetensors", timm=True, log=None)
     with pytest.raises(ConfigError, match="timm has no resnet18 with stem='cifar'"):
         export_encoder(runs["resnet18"], "safetensors", tmp_path / "r.safetensors", timm=True, log=None)
+
+
+# Methods whose `embed` is not the configured backbone: CMC's two-view encoder (here the L | ab
+# split of colour scenes, two half-width ConvNets) and colorization's lightness input.
+METHOD_RUNS: dict[str, tuple[str, ...]] = {
+    "cmc": ("method.num_negatives=16",),
+    "colorization": ("method.hidden_dim=8",),
+}
+
+
+@pytest.fixture(scope="module")
+def method_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One-step runs on 16 px colour scenes."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("method_runs")
+    out = {}
+    for name, overrides in METHOD_RUNS.items():
+        scenes = ("data.name=scenes", "data.num_train=64", "data.num_test=16", "data.image_size=16")
+        cfg = tiny_config(root / name, name, *scenes, *overrides, "train.max_steps=1", "train.batch_size=32")
+        run = PretrainRun(cfg)
+        run.fit()
+        out[name] = run.run_dir
+    return out
+
+
+def _method_features(run_dir: Path) -> tuple[Tensor, Tensor]:
+    """``(uint8 test images (5, 3, 16, 16), the run's method.embed of their eval view)``."""
+    from selfsup.config import from_dict
+    from selfsup.engine.build import build_components
+
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    cfg = from_dict(state["config"])
+    parts = build_components(cfg, torch.device("cpu"))
+    parts.method.load_state_dict(state["method"])
+    images = torch.stack([parts.splits.test[i][0] for i in range(5)])
+    with torch.no_grad():
+        want = parts.method.eval().embed(parts.eval_views(to_float(images))[0])
+    return images, want
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("method", list(METHOD_RUNS))
+def test_method_encoders_load_and_export_as_the_runs_embed(
+    method_runs: dict[str, Path], method: str, fmt: str, tmp_path: Path
+) -> None:
+    """backbone.safetensors records the method's own encoder (``method`` + ``embedder``), so
+    load_encoder (file or checkpoint), every export format and a frozen teacher compute the
+    run's ``method.embed``, not the configured backbone on the images."""
+    from selfsup.engine.build import load_frozen_backbone
+
+    run = method_runs[method]
+    images, want = _method_features(run)
+    with safe_open(str(run / "backbone.safetensors"), framework="pt") as handle:
+        meta = dict(handle.metadata())
+    assert meta["method"] == method and "embedder" in meta
+    encoder = load_encoder(run)
+    assert encoder.num_features == want.shape[1]
+    torch.testing.assert_close(encoder.encode(images), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(load_encoder(run / "checkpoints" / "last.pt").encode(images), want, atol=1e-5, rtol=0)
+    teacher = load_frozen_backbone({"run": str(run)}, "teacher")
+    x = encoder.preprocess(images)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), want, atol=1e-5, rtol=0)
+
+    out = tmp_path / f"encoder.{fmt}"
+    result = export_encoder(run, fmt, out, log=None)
+    assert result.max_abs_diff_random <= 1e-4 and result.max_abs_diff_real <= 1e-4
+    assert _read_metadata(out, fmt)["method"] == method
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    elif fmt == "torchscript":
+        got = torch.jit.load(str(out))(x)
+    else:
+        got = load_encoder(out)(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", list(METHOD_RUNS))
+def test_method_encoders_never_load_as_a_plain_backbone(
+    method_runs: dict[str, Path], method: str, tmp_path: Path
+) -> None:
+    """Without the embedder metadata the weights do not fit the configured backbone (a one-line
+    error, never a silently different model), and --timm refuses the method's encoder."""
+    from selfsup.engine.build import load_frozen_backbone
+
+    file = method_runs[method] / "backbone.safetensors"
+    with safe_open(str(file), framework="pt") as handle:
+        meta = {k: v for k, v in handle.metadata().items() if k not in ("method", "embedder")}
+    stripped = tmp_path / "backbone.safetensors"
+    save_file(load_file(str(file)), str(stripped), metadata=meta)
+    with pytest.raises(ConfigError, match="do not fit"):
+        load_encoder(stripped)
+    with pytest.raises(ConfigError, match="do not fit"):
+        load_frozen_backbone(str(stripped), "teacher")
+    with pytest.raises(ConfigError, match=f"--timm: a {method} run's encoder is not a plain backbone"):
+        export_encoder(method_runs[method], "safetensors", tmp_path / "t.safetensors", timm=True, log=None)

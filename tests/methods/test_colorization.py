@@ -129,3 +129,17 @@ def test_tiny_run_on_colour_scenes_lowers_the_loss(tmp_path: Path) -> None:
     # `selfsup visualize colorization RUN`: grayscale | predicted | truth for test images.
     assert main(["visualize", "colorization", str(run.run_dir), "--images", "0", "1"]) == 0
     assert (run.run_dir / "colorization.png").stat().st_size > 0
+
+
+def test_lightness_encoder_spatial_features_are_those_of_the_lightness() -> None:
+    """Dense probes read ``feature_map`` of the module that computes ``embed``: for colorization
+    that is the backbone's map of the lightness input, pooled it gives ``embed``."""
+    from selfsup.nn.backbones.protocol import feature_map
+    from selfsup.registry import BACKBONES, METHODS
+
+    backbone = BACKBONES.build("convnet", in_channels=3, image_size=16, width=8)
+    method = METHODS.build("colorization", backbone=backbone, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3).eval()
+    encoder, _ = method.embedder()
+    images = torch.randn(3, 3, 16, 16)
+    fmap = feature_map(encoder, images)
+    torch.testing.assert_close(fmap.mean(dim=(-2, -1)), method.embed(images))

@@ -248,6 +248,10 @@ def test_embed_shape_and_eval_mode(name: str) -> None:
     torch.testing.assert_close(method.embed(images[:2]), feats[:2], rtol=1e-4, atol=1e-5)
     for key, value in method.named_buffers():
         assert torch.equal(value, buffers[key]), f"embed changed {key}"
+    # What backbone.safetensors, exports and load_encoder hold computes exactly embed.
+    embedder, _ = method.embedder()
+    with torch.no_grad():
+        torch.testing.assert_close(embedder(images), feats)
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)

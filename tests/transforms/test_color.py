@@ -9,7 +9,7 @@ import torch
 from skimage.color import lab2rgb, rgb2lab
 
 from selfsup.transforms import ab_gamut_bins, ab_to_bin, annealed_mean, lab_to_rgb, rgb_to_lab, soft_encode_ab
-from selfsup.transforms.color import compute_ab_gamut, rebalancing_weights, smoothed_prior
+from selfsup.transforms.color import compute_ab_gamut, rebalancing_weights, smoothed_prior, soft_encode_ab_sparse
 
 
 def _rgb(seed: int = 0, shape: tuple[int, ...] = (3, 3, 10, 12)) -> torch.Tensor:
@@ -100,6 +100,40 @@ def test_soft_encoding_five_gaussian_neighbours() -> None:
     expected[near] = torch.exp(-(d[near] ** 2) / (2 * 5.0**2))
     expected /= expected.sum()
     torch.testing.assert_close(enc[0, :, 2, 3].double(), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("neighbours", "grid_bins"), [(5, True), (1, True), (10, True), (5, False)])
+def test_sparse_soft_encoding_equals_a_float64_search_over_all_bins(neighbours: int, grid_bins: bool) -> None:
+    """The lookup-table search gives the brute-force answer: the same nearest bins in the same
+    order (up to the order of equidistant bins) and the same Gaussian weights, for in-gamut
+    colours, points exactly on bins and halfway between them (cell borders, many ties),
+    out-of-gamut points near the gamut's edge and far outside the table's range; also for
+    bins off the grid (the table's proof does not rely on the grid)."""
+    g = torch.Generator().manual_seed(9)
+    bins = ab_gamut_bins() if grid_bins else (torch.rand(150, 2, generator=g) - 0.5) * 200
+    srgb = rgb_to_lab(_rgb(10, (2, 3, 8, 8)).float())[:, 1:]
+    wide = (torch.rand(4, 2, 8, 8, generator=g) - 0.5) * 300  # out of gamut, partly beyond the table
+    ties = torch.round((torch.rand(4, 2, 8, 8, generator=g) - 0.5) * 260 / 5) * 5  # on bins / midpoints
+    ab = torch.cat([srgb, wide, ties])
+    index, weight = soft_encode_ab_sparse(ab, bins, neighbours=neighbours, sigma=5.0)
+    assert index.shape == weight.shape == (ab.shape[0], 8, 8, neighbours)
+
+    points = ab.double().permute(0, 2, 3, 1).reshape(-1, 1, 2)
+    dist2 = ((points - bins.double()) ** 2).sum(-1)  # (N, Q)
+    ref_d2, ref_index = dist2.sort(dim=1, stable=True)
+    got_d2 = dist2.gather(1, index.reshape(-1, neighbours))
+    # The chosen bins are at exactly the k smallest distances, nearest first.
+    torch.testing.assert_close(got_d2, ref_d2[:, :neighbours], atol=1e-9, rtol=0)
+    # Where no two of the k + 1 nearest are equidistant, the indices are the reference's.
+    gaps = ref_d2[:, 1 : neighbours + 1] - ref_d2[:, :neighbours]
+    distinct = (gaps > 1e-6).all(1)
+    assert distinct.sum() > 100 and (not grid_bins or (~distinct).sum() > 10)  # ties: grid bins only
+    assert torch.equal(index.reshape(-1, neighbours)[distinct], ref_index[distinct, :neighbours])
+    # Gaussian weights (sigma 5) of the k nearest distances, normalised.
+    kernel = torch.exp(-ref_d2[:, :neighbours] / (2 * 5.0**2))
+    torch.testing.assert_close(
+        weight.reshape(-1, neighbours).double(), kernel / kernel.sum(1, keepdim=True), atol=1e-6, rtol=0
+    )
 
 
 def test_rebalancing_weights_have_unit_expectation() -> None:

@@ -141,25 +141,48 @@ def load_frozen_backbone(spec: Any, option: str) -> nn.Module:
     with safe_open(str(file), framework="pt") as handle:
         meta = handle.metadata() or {}
     try:
-        backbone_cfg = json.loads(meta["backbone"])
-        in_channels, image_size = int(meta["in_channels"]), int(meta["image_size"])
+        module = rebuild_encoder(meta, f"method.{option}")
     except (KeyError, ValueError) as err:
         raise ConfigError(
             f"method.{option}: {file} lacks the metadata to rebuild its architecture ({err}); "
             "re-export it with this version of selfsup"
         ) from None
-    factory = _factory(BACKBONES, backbone_cfg.get("name"), f"method.{option} backbone")
-    options = {k: v for k, v in backbone_cfg.items() if k != "name"}
-    module = factory(in_channels=in_channels, image_size=image_size, **options)
     try:
         module.load_state_dict(load_file(str(file)), strict=True)
     except RuntimeError as err:
         first = str(err).strip().splitlines()
+        what = f"the {meta['method']} encoder" if "embedder" in meta else f"a {meta['backbone']} backbone"
         raise ConfigError(
-            f"method.{option}: the weights in {file} do not fit a {backbone_cfg} backbone: "
+            f"method.{option}: the weights in {file} do not fit {what}: "
             f"{first[1].strip() if len(first) > 1 else first[0]}"
         ) from None
     return module.requires_grad_(False).eval()
+
+
+def rebuild_encoder(meta: Mapping[str, str], where: str) -> nn.Module:
+    """The untrained module that an encoder file's weights load into, from its metadata: the
+    configured backbone (``backbone``, ``in_channels``, ``image_size``), or, when the file
+    records an ``embedder`` (a method whose ``embed`` is not the plain backbone: CMC's two-view
+    encoder, colorization's lightness encoder), that ``method``'s ``build_embedder``. Raises
+    ``KeyError`` / ``ValueError`` for missing or malformed keys, ``ConfigError`` otherwise.
+    """
+    backbone_cfg = json.loads(meta["backbone"])
+    in_channels, image_size = int(meta["in_channels"]), int(meta["image_size"])
+    factory = _factory(BACKBONES, backbone_cfg.get("name"), f"{where} backbone")
+    options = {k: v for k, v in backbone_cfg.items() if k != "name"}
+
+    def backbone() -> nn.Module:
+        with _as_config_error(f"{where} backbone"):
+            module: nn.Module = factory(in_channels=in_channels, image_size=image_size, **options)
+            return module
+
+    if "embedder" not in meta:
+        return backbone()
+    spec = json.loads(meta["embedder"])
+    method_cls = _factory(METHODS, meta.get("method"), f"{where} method")
+    with _as_config_error(f"{where} {meta.get('method')} encoder"):
+        built: nn.Module = method_cls.build_embedder(spec, backbone)
+        return built
 
 
 def build_method(

@@ -103,7 +103,13 @@ def dense_rows(
     if max_train is not None and len(train_set) > max_train:
         train_set = train_set.subset(range(max_train))
     run_row, random_row = encoder_row_names(cfg)
-    backbone = method.eval_backbone
+    # The module that computes embed: colorization's lightness encoder, not its bare backbone.
+    backbone, _ = method.embedder()
+    if not (hasattr(backbone, "forward_tokens") or hasattr(backbone, "forward_features")):
+        raise ConfigError(
+            f"dense needs spatial features, and the encoder of method {cfg.method['name']!r} "
+            f"({type(backbone).__name__}) gives none (only pooled features)"
+        )
     encoders: list[tuple[str, Callable[[Tensor], Tensor], nn.Module]] = [
         (run_row, lambda x: feature_map(backbone, x), method)
     ]

@@ -129,6 +129,9 @@ def _preprocessing_from(meta: Mapping[str, str]) -> Preprocessing | None:
 class Encoder(nn.Module):
     """A trained encoder in eval mode with its preprocessing.
 
+    ``backbone`` is the module that computes the run's ``method.embed`` (``Method.embedder``):
+    the trained backbone, or a method's own encoder (CMC's two views, colorization's lightness
+    input), then recorded in ``embedder``.
     ``encoder.preprocess(images)``: uint8 ``[0, 255]`` or float ``[0, 1]`` images ``(B, C, H, W)``
     (or one ``(C, H, W)``) -> normalised ``(B, C, S, S)`` on the encoder's device.
     ``encoder(x)``: normalised ``(B, C, S, S)`` -> features ``(B, D)`` (the backbone's pooled
@@ -143,12 +146,16 @@ class Encoder(nn.Module):
         preprocessing: Preprocessing,
         backbone_cfg: Mapping[str, Any],
         projector: nn.Module | None = None,
+        embedder: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
         self.preprocessing = preprocessing
         self.backbone_cfg = dict(backbone_cfg)
+        # ``{"method", "embedder"}`` metadata when ``backbone`` is a method's own encoder (see
+        # ``Method.embedder``), which the backbone config alone does not rebuild.
+        self.embedder = dict(embedder or {})
         self.view = eval_view(
             preprocessing.image_size, preprocessing.in_channels, preprocessing.mean, preprocessing.std
         )
@@ -213,6 +220,7 @@ class Encoder(nn.Module):
             p.std,
             num_features=str(self.num_features),
             projector="true" if self.projector is not None else "false",
+            **self.embedder,
             **extra,
         )
 
@@ -321,12 +329,12 @@ def _load_weights_into(module: nn.Module, state: dict[str, Tensor], file: Path, 
 
 def _from_safetensors(
     file: Path, mean: Sequence[float] | None, std: Sequence[float] | None
-) -> tuple[nn.Module, Mapping[str, Any], Preprocessing, dict[str, Tensor]]:
+) -> tuple[nn.Module, Mapping[str, Any], Preprocessing, dict[str, Tensor], dict[str, str]]:
+    """``(encoder, backbone config, preprocessing, projector tensors, embedder metadata)``."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from selfsup.engine.build import _as_config_error, _factory
-    from selfsup.registry import BACKBONES
+    from selfsup.engine.build import rebuild_encoder
 
     try:
         with safe_open(str(file), framework="pt") as handle:
@@ -336,25 +344,25 @@ def _from_safetensors(
     try:
         backbone_cfg = json.loads(meta["backbone"])
         in_channels, image_size = int(meta["in_channels"]), int(meta["image_size"])
+        # Initialising draws from the global generator: leave the caller's stream alone.
+        with torch.random.fork_rng(devices=[]):
+            backbone = rebuild_encoder(meta, file.name)
     except (KeyError, ValueError) as err:
         raise ConfigError(
             f"{file} lacks the metadata to rebuild its architecture ({err}); export it with `selfsup export`"
         ) from None
-    factory = _factory(BACKBONES, backbone_cfg.get("name"), f"{file.name} backbone")
-    options = {k: v for k, v in backbone_cfg.items() if k != "name"}
-    # Initialising draws from the global generator: leave the caller's stream alone.
-    with torch.random.fork_rng(devices=[]), _as_config_error(f"{file.name} backbone"):
-        backbone = factory(in_channels=in_channels, image_size=image_size, **options)
+    embedder = {k: meta[k] for k in ("method", "embedder") if "embedder" in meta}
     tensors = load_file(str(file))
     head = {k: v for k, v in tensors.items() if k.startswith("projector.")}
     state = {k: v for k, v in tensors.items() if not k.startswith("projector.")}
-    _load_weights_into(backbone, state, file, f"a {backbone_cfg} backbone")
+    what = f"the {meta['method']} encoder" if embedder else f"a {backbone_cfg} backbone"
+    _load_weights_into(backbone, state, file, what)
     if mean is not None and std is not None:
         pre = Preprocessing(tuple(float(m) for m in mean), tuple(float(s) for s in std), image_size, in_channels)
     else:
         found = _preprocessing_from(meta)
         pre = found if found is not None else _data_stats(file, "records no normalisation (mean, std)")
-    return backbone, backbone_cfg, pre, head
+    return backbone, backbone_cfg, pre, head, embedder
 
 
 def projection_head(method: nn.Module) -> nn.Module:
@@ -374,7 +382,7 @@ def projection_head(method: nn.Module) -> nn.Module:
 
 def _from_checkpoint(
     file: Path, projector: bool, device: torch.device
-) -> tuple[nn.Module, Mapping[str, Any], Preprocessing, nn.Module | None]:
+) -> tuple[nn.Module, Mapping[str, Any], Preprocessing, nn.Module | None, dict[str, str]]:
     from selfsup.engine.build import build_components
     from selfsup.engine.checkpoint import load_checkpoint
 
@@ -386,7 +394,10 @@ def _from_checkpoint(
     splits = parts.splits
     pre = Preprocessing(tuple(splits.mean), tuple(splits.std), splits.image_size, splits.in_channels)
     head = copy.deepcopy(projection_head(parts.method)) if projector else None
-    return copy.deepcopy(parts.method.eval_backbone), cfg.backbone, pre, head
+    # What computes the run's ``embed``: the evaluated backbone, or the method's own encoder.
+    module, spec = parts.method.embedder()
+    embedder = {} if spec is None else {"method": str(cfg.method["name"]), "embedder": json.dumps(spec)}
+    return copy.deepcopy(module), cfg.backbone, pre, head, embedder
 
 
 def load_encoder(
@@ -419,16 +430,16 @@ def load_encoder(
     kind, file = _resolve(source, projector)
     head: nn.Module | None = None
     if kind == "safetensors":
-        backbone, backbone_cfg, pre, _ = _from_safetensors(file, mean, std)
+        backbone, backbone_cfg, pre, _, embedder = _from_safetensors(file, mean, std)
     else:
-        backbone, backbone_cfg, pre, head = _from_checkpoint(file, projector, device)
+        backbone, backbone_cfg, pre, head, embedder = _from_checkpoint(file, projector, device)
         if mean is not None and std is not None:
             pre = Preprocessing(tuple(mean), tuple(std), pre.image_size, pre.in_channels)
     if len(pre.mean) not in (1, pre.in_channels) or len(pre.std) != len(pre.mean):
         raise ConfigError(
             f"mean/std need 1 or {pre.in_channels} entries each, got {list(pre.mean)} and {list(pre.std)}"
         )
-    return Encoder(backbone, pre, backbone_cfg, head).to(device).eval()
+    return Encoder(backbone, pre, backbone_cfg, head, embedder).to(device).eval()
 
 
 # --------------------------------------------------------------------------------- timm
@@ -579,12 +590,12 @@ def _write_safetensors(encoder: Encoder, out: Path, meta: dict[str, str], timm: 
     back = load_file(str(out))
     if set(back) != set(tensors) or any(not torch.equal(back[k], tensors[k]) for k in tensors):
         raise ExportError(f"{out}: the tensors read back differ from those written")
-    reloaded, _, _, head = _from_safetensors(out, None, None)
+    reloaded, _, _, head, _ = _from_safetensors(out, None, None)
     projector = None
     if encoder.projector is not None:
         projector = copy.deepcopy(encoder.projector)
         _load_weights_into(projector, {k[len("projector.") :]: v for k, v in head.items()}, out, "the projector")
-    rebuilt = Encoder(reloaded, encoder.preprocessing, encoder.backbone_cfg, projector).eval()
+    rebuilt = Encoder(reloaded, encoder.preprocessing, encoder.backbone_cfg, projector, encoder.embedder).eval()
     return rebuilt
 
 
@@ -681,6 +692,11 @@ def export_encoder(
     if timm:
         if projector:
             raise ConfigError("--timm exports the backbone only (leave out --projector)")
+        if encoder.embedder:
+            raise ConfigError(
+                f"--timm: a {encoder.embedder['method']} run's encoder is not a plain backbone (its features "
+                "are not those of a timm model on the images); leave out --timm"
+            )
         name, kwargs = timm_model_args(encoder.backbone_cfg, encoder.in_channels, encoder.image_size)
         extra = {"timm_model": name, "timm_kwargs": kwargs}
     meta = encoder.metadata(**extra)

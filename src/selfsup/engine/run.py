@@ -689,16 +689,20 @@ class PretrainRun:
         """Writes the trained backbone's weights as ``backbone.safetensors``."""
         from safetensors.torch import save_file
 
-        state = {k: v.detach().contiguous().cpu() for k, v in self.method.eval_backbone.state_dict().items()}
+        # The module that computes the run's ``embed``: the evaluated backbone, or the method's
+        # own encoder, whose spec then goes with it (``Method.embedder``).
+        module, spec = self.method.embedder()
+        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
         path = self.run_dir / "backbone.safetensors"
         splits = self.parts.splits
+        extra = {} if spec is None else {"method": str(self.cfg.method["name"]), "embedder": spec}
         save_file(
             state,
             str(path),
             # The preprocessing the encoder expects (normalisation, eval view size) goes with
             # the weights: selfsup.load_encoder and `selfsup export` read it back.
             metadata=encoder_metadata(
-                self.cfg.backbone, splits.in_channels, splits.image_size, splits.mean, splits.std
+                self.cfg.backbone, splits.in_channels, splits.image_size, splits.mean, splits.std, **extra
             ),
         )
         return path

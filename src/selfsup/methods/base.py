@@ -258,6 +258,20 @@ class Method(nn.Module):
         """``(B, C, H, W) -> (B, num_features)`` features used for evaluation."""
         return self.eval_backbone(images)
 
+    def embedder(self) -> tuple[nn.Module, dict[str, Any] | None]:
+        """The module that computes ``embed`` (what ``backbone.safetensors``, exports,
+        ``load_encoder`` and frozen teachers hold) and what rebuilds it: ``None`` when it is
+        ``eval_backbone``, which the backbone config rebuilds; else a JSON-able spec for this
+        class's ``build_embedder`` (a method whose encoder is not the configured backbone, or
+        that transforms the images before it, overrides both)."""
+        return self.eval_backbone, None
+
+    @classmethod
+    def build_embedder(cls, spec: Mapping[str, Any], backbone: Callable[[], nn.Module]) -> nn.Module:
+        """An untrained ``embedder()`` module from its ``spec``; ``backbone()`` builds the
+        configured backbone (what a saved file's weights then load into)."""
+        raise NotImplementedError(f"{cls.__name__} records no embedder spec, so it has nothing to rebuild")
+
     @property
     def num_features(self) -> int:
         num_features: Any = self.backbone.num_features  # nn.Module.__getattr__ types it Tensor | Module

@@ -30,13 +30,15 @@ norm, pooling and stem with half its stage width (the paper halves AlexNet/ResNe
 other backbones need ``encoder`` (a ``{name: ..., <options>}`` registry spec, built once per
 view with that view's channel count). The engine's own backbone is not trained; ``backbone``
 becomes the two-view encoder that splits raw (normalised) images and concatenates both
-features, so kNN, linear probes and ``embed`` evaluate the paper's representation.
+features, so kNN, linear probes and ``embed`` evaluate the paper's representation. Its spec
+(``embedder``: split, view encoders, normalisation) is saved with ``backbone.safetensors``, so
+``load_encoder``, exports and frozen teachers rebuild the two-view encoder, not the backbone.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -113,17 +115,20 @@ class TwoViewEncoder(nn.Module):
         return torch.cat(self.encode(x), dim=1)
 
 
-def half_width_encoder(
-    backbone: nn.Module, in_channels: int, image_size: int, spec: Mapping[str, Any] | None
-) -> nn.Module:
-    """A view encoder with ``in_channels`` inputs: from ``spec`` (registry name + options) if
-    given, else a ConvNet like ``backbone`` at half its stage width."""
+def _build_encoder(spec: Mapping[str, Any], in_channels: int, image_size: int) -> nn.Module:
+    """A view encoder with ``in_channels`` inputs from its registry spec (name + options)."""
+    options = dict(spec)
+    name = options.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"method.encoder needs a backbone name, e.g. {{name: convnet, width: 16}}; got {spec!r}")
+    return BACKBONES.build(name, in_channels=in_channels, image_size=image_size, **options)
+
+
+def encoder_spec(backbone: nn.Module, spec: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The registry spec (name + options) of each view's encoder: ``spec`` if given, else a
+    ConvNet like ``backbone`` at half its stage width."""
     if spec is not None:
-        options = dict(spec)
-        name = options.pop("name", None)
-        if not isinstance(name, str):
-            raise ConfigError(f"method.encoder needs a backbone name, e.g. {{name: convnet, width: 16}}; got {spec!r}")
-        return BACKBONES.build(name, in_channels=in_channels, image_size=image_size, **options)
+        return dict(spec)
     if not isinstance(backbone, ConvNet):
         raise ConfigError(
             f"cmc halves a convnet backbone's width for its two encoders; for {type(backbone).__name__} give "
@@ -134,14 +139,14 @@ def half_width_encoder(
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"unexpected ConvNet stem {stem!r}: expected Sequential(Conv2d, norm, ReLU)")
     kind = "bn" if isinstance(norm, nn.BatchNorm2d) else "gn" if isinstance(norm, nn.GroupNorm) else "none"
-    return ConvNet(
-        in_channels=in_channels,
-        width=max(1, conv.out_channels // 2),
-        depth=len(backbone.stages),
-        norm=kind,
-        pool="max" if isinstance(backbone.pool, nn.MaxPool2d) else "avg",
-        stem_stride=int(conv.stride[0]),
-    )
+    return {
+        "name": "convnet",
+        "width": max(1, conv.out_channels // 2),
+        "depth": len(backbone.stages),
+        "norm": kind,
+        "pool": "max" if isinstance(backbone.pool, nn.MaxPool2d) else "avg",
+        "stem_stride": int(conv.stride[0]),
+    }
 
 
 @METHODS.register("cmc")
@@ -198,7 +203,17 @@ class CMC(Method):
         channels = (1, 2) if split == "lab" else (in_channels, in_channels)
         if len(mean) == 1 and in_channels > 1:
             mean, std = tuple(mean) * in_channels, tuple(std) * in_channels
-        encoders = [half_width_encoder(backbone, c, image_size, encoder) for c in channels]
+        spec = encoder_spec(backbone, encoder)
+        # What rebuilds the two-view encoder from a saved file (``embedder``).
+        self._embedder_spec = {
+            "views": split,
+            "encoder": spec,
+            "channels": list(channels),
+            "image_size": image_size,
+            "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std],
+        }
+        encoders = [_build_encoder(spec, c, image_size) for c in channels]
         self.backbone = TwoViewEncoder(split, encoders[0], encoders[1], mean, std)
         self.head1 = nn.Linear(feature_dim(encoders[0]), feat_dim)
         self.head2 = nn.Linear(feature_dim(encoders[1]), feat_dim)
@@ -213,6 +228,17 @@ class CMC(Method):
             self.bank2 = IndexMemoryBank(num_samples, feat_dim)
             # log Z of each view's NCE (against bank2, against bank1); -inf until estimated.
             self.register_buffer("z_log", torch.full((2,), float("-inf")))
+
+    def embedder(self) -> tuple[nn.Module, dict[str, Any] | None]:
+        """The two-view encoder, which the configured backbone's options do not describe: its
+        spec records the split, the view encoders' spec and channels, and the normalisation."""
+        return self.eval_backbone, dict(self._embedder_spec)
+
+    @classmethod
+    def build_embedder(cls, spec: Mapping[str, Any], backbone: Callable[[], nn.Module]) -> nn.Module:
+        c1, c2 = spec["channels"]
+        e1, e2 = (_build_encoder(spec["encoder"], c, int(spec["image_size"])) for c in (c1, c2))
+        return TwoViewEncoder(spec["views"], e1, e2, spec["mean"], spec["std"])
 
     @property
     def z_estimated(self) -> bool:

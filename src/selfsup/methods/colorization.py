@@ -16,7 +16,9 @@ Choices where the paper's ImageNet network differs from this library's backbones
 
 * Input: the encoder sees only lightness. The engine builds the backbone with the data's 3
   channels, so the method feeds ``L / 50 - 1`` (in [-1, 1]) replicated to the 3 channels; ``embed``
-  does the same for evaluation images, so evaluation sees what training saw.
+  does the same for evaluation images, so evaluation sees what training saw. That conversion and
+  the backbone form one module (``LightnessEncoder``, the method's ``embedder``), which
+  ``backbone.safetensors``, exports, ``load_encoder`` and frozen teachers hold.
 * Pixels: the training view (``single_view``: random resized crop and flip, no colour changes,
   then the data set's normalisation) is de-normalised with the data set's ``mean`` / ``std``
   (engine facts) back to [0, 1] RGB, so the lightness input and the ab targets come from the
@@ -39,7 +41,8 @@ Choices where the paper's ImageNet network differs from this library's backbones
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +62,41 @@ from selfsup.transforms.color import (
     rgb_to_lab,
     soft_encode_ab_sparse,
 )
+
+
+class LightnessEncoder(nn.Module):
+    """What ``Colorization.embed`` computes, as one module: normalised RGB ``(B, 3, H, W)`` ->
+    ``(B, D)`` features of the backbone on their lightness (``L / 50 - 1``, replicated to 3
+    channels). Exports, ``load_encoder`` and frozen teachers hold it, so they give the run's
+    features from the same normalised RGB input as every other encoder."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, backbone: nn.Module, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_features = feature_dim(backbone)
+        # Not persistent: the data set's normalisation, recorded in the file's metadata.
+        for name, value in (("mean", mean), ("std", std)):
+            tensor = torch.as_tensor(value, dtype=torch.float32).detach().clone().view(1, -1, 1, 1)
+            self.register_buffer(name, tensor, persistent=False)
+
+    def _lightness(self, images: Tensor) -> Tensor:
+        rgb = (images.float() * self.std + self.mean).clamp(0.0, 1.0)
+        return lightness_input(rgb_to_lab(rgb), images.shape[1])
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone(self._lightness(images))
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """The backbone's spatial features ``(B, D, h, w)`` of the lightness (dense probes)."""
+        return feature_map(self.backbone, self._lightness(images))
+
+
+def lightness_input(lab: Tensor, channels: int) -> Tensor:
+    """Lab ``(B, 3, H, W)`` -> the encoder's input: ``L / 50 - 1`` replicated to ``channels``."""
+    return (lab[:, :1] / 50.0 - 1.0).expand(-1, channels, -1, -1)
 
 
 @METHODS.register("colorization")
@@ -144,7 +182,7 @@ class Colorization(Method):
 
     def lightness_input(self, lab: Tensor) -> Tensor:
         """Lab ``(B, 3, H, W)`` -> the encoder's input: ``L / 50 - 1`` replicated to 3 channels."""
-        return (lab[:, :1] / 50.0 - 1.0).expand(-1, self.in_channels, -1, -1)
+        return lightness_input(lab, self.in_channels)
 
     def logits(self, lab: Tensor, size: tuple[int, int]) -> Tensor:
         """Bin scores ``(B, Q, *size)`` from the lightness of ``lab`` ``(B, 3, H, W)``."""
@@ -188,7 +226,16 @@ class Colorization(Method):
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
         """Normalised RGB ``(B, 3, H, W)`` -> ``(B, num_features)`` features of their lightness."""
-        return self.eval_backbone(self.lightness_input(rgb_to_lab(self.to_rgb(images))))
+        return self.embedder()[0](images)
+
+    def embedder(self) -> tuple[nn.Module, dict[str, Any] | None]:
+        """``embed`` as a module: the backbone behind the RGB -> lightness conversion."""
+        spec = {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+        return LightnessEncoder(self.eval_backbone, self.mean, self.std), spec
+
+    @classmethod
+    def build_embedder(cls, spec: Mapping[str, Any], backbone: Callable[[], nn.Module]) -> nn.Module:
+        return LightnessEncoder(backbone(), spec["mean"], spec["std"])
 
     @torch.no_grad()
     def colorize(self, images: Tensor, temperature: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
