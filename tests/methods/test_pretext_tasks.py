@@ -133,3 +133,28 @@ def test_tiny_run_learns_the_pretext_task_without_collapse(tmp_path: Path, name:
     assert metrics["feature_std"] > 0.02 and metrics["effective_rank"] > 2, metrics
     top1 = next(k for k in metrics if k.startswith("knn_top1"))
     assert metrics[top1] > 0.5, metrics  # chance is 0.1
+
+
+def test_jigsaw_tile_features_are_the_encoder_on_each_centred_tile() -> None:
+    """``eval_features="tiles"``: the encoder on the 3x3 centred tiles in raster order,
+    concatenated, deterministic, and the random-init baseline rebuilds the same tiling."""
+    from selfsup.methods.jigsaw import Jigsaw, TileEncoder, normalize_tiles
+
+    backbone = BACKBONES.build("convnet", in_channels=1, image_size=10, width=4)
+    method = Jigsaw(backbone, image_size=30, num_permutations=4, fc6_dim=8, fc7_dim=8, eval_features="tiles").eval()
+    assert method.tile_size == 8
+    images = torch.randn(2, 1, 31, 32)  # 10 px cells of the centred 30 px square: top 0, left 1
+    tiles = TileEncoder(backbone, 8).tiles(images)
+    for cell in range(9):
+        r, c = divmod(cell, 3)
+        torch.testing.assert_close(
+            tiles[:, cell], images[:, :, 10 * r + 1 : 10 * r + 9, 1 + 10 * c + 1 : 1 + 10 * c + 9]
+        )
+    expected = torch.cat([backbone(normalize_tiles(tiles[:, i])) for i in range(9)], dim=1)
+    torch.testing.assert_close(method.embed(images), expected, rtol=1e-4, atol=1e-5)
+    assert method.embed(images).shape == (2, method.num_features) == (2, 9 * backbone.num_features)
+    encoder, spec = method.embedder()
+    assert spec is not None
+    rebuilt = Jigsaw.build_embedder(spec, lambda: BACKBONES.build("convnet", in_channels=1, image_size=10, width=4))
+    rebuilt.load_state_dict(encoder.state_dict())
+    torch.testing.assert_close(rebuilt.eval()(images), method.embed(images))

@@ -94,6 +94,18 @@ def build_backbone(cfg: Config, splits: DataSplits) -> nn.Module:
         return factory(in_channels=splits.in_channels, image_size=splits.image_size, **options)
 
 
+def random_init_encoder(cfg: Config, splits: DataSplits, method: Method) -> nn.Module:
+    """The "random-init" baseline of ``method``: its encoder (``method.embedder()``: the
+    configured backbone, or the method's own wrapper such as colorization's lightness input or
+    jigsaw's tiles) rebuilt untrained, seeded by ``train.seed``, so the baseline row measures
+    the same feature extraction without the training."""
+    torch.manual_seed(cfg.train.seed)
+    _, spec = method.embedder()
+    if spec is None:
+        return build_backbone(cfg, splits)
+    return type(method).build_embedder(spec, lambda: build_backbone(cfg, splits))
+
+
 def provided_fields(dataset: ImageDataset) -> frozenset[str]:
     """The optional ``Batch`` fields a data set can fill: ``"label"`` when every sample has a
     known label, plus whatever the data set declares in ``batch_fields`` (text, masks)."""

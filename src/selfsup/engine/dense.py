@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from selfsup.config import ConfigError
 from selfsup.data.base import ImageDataset
 from selfsup.data.loader import iterate_eval
-from selfsup.engine.build import build_backbone
+from selfsup.engine.build import random_init_encoder
 from selfsup.engine.evaluation import eval_mode
 from selfsup.engine.protocols import encoder_row_names
 from selfsup.eval.dense import dense_linear_probe
@@ -102,7 +102,7 @@ def dense_rows(
     train_set = splits.train
     if max_train is not None and len(train_set) > max_train:
         train_set = train_set.subset(range(max_train))
-    run_row, random_row = encoder_row_names(cfg)
+    run_row, random_row = encoder_row_names(cfg, method)
     # The module that computes embed: colorization's lightness encoder, not its bare backbone.
     backbone, _ = method.embedder()
     if not (hasattr(backbone, "forward_tokens") or hasattr(backbone, "forward_features")):
@@ -114,8 +114,7 @@ def dense_rows(
         (run_row, lambda x: feature_map(backbone, x), method)
     ]
     if baselines:
-        torch.manual_seed(cfg.train.seed)
-        random_init = build_backbone(cfg, splits).to(device)
+        random_init = random_init_encoder(cfg, splits, method).to(device)
         encoders.append((random_row, lambda x: feature_map(random_init, x), random_init))
         identity = nn.Identity()
         encoders.append(("raw pixels", identity, identity))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.config import ConfigError
-from selfsup.engine.build import build_backbone, build_views
+from selfsup.engine.build import build_views, random_init_encoder
 from selfsup.engine.evaluation import HOGFeatures, encode, eval_mode, frozen_protocol_metrics
 from selfsup.engine.finetune import finetune, finetune_encoder
 from selfsup.eval.semi_supervised import fraction_name, semi_supervised_subsets
@@ -43,9 +43,15 @@ __all__ = [
 FROZEN_PROTOCOLS = ("cluster", "retrieval")
 
 
-def encoder_row_names(cfg: Config) -> tuple[str, str]:
-    """The results.json row names of the run's encoder and of its random-init baseline."""
-    return f"{cfg.method['name']} ({cfg.backbone['name']})", f"random-init {cfg.backbone['name']}"
+def encoder_row_names(cfg: Config, method: Method | None = None) -> tuple[str, str]:
+    """The results.json row names of the run's encoder and of its random-init baseline; when
+    the method evaluates its own encoder around the backbone (``embedder()`` with a spec, e.g.
+    jigsaw's tiles), the baseline row says so: it is that encoder untrained, not the bare
+    backbone that other runs' "random-init <backbone>" rows measure."""
+    name, backbone = cfg.method["name"], cfg.backbone["name"]
+    own_encoder = method is not None and method.embedder()[1] is not None
+    random_row = f"random-init {name} encoder ({backbone})" if own_encoder else f"random-init {backbone}"
+    return f"{name} ({backbone})", random_row
 
 
 def frozen_protocol_rows(
@@ -62,11 +68,10 @@ def frozen_protocol_rows(
     by ``train.seed``), raw pixels and HOG, all on the un-augmented eval view."""
     if protocol not in FROZEN_PROTOCOLS:
         raise ValueError(f"protocol {protocol!r} is not one of {', '.join(FROZEN_PROTOCOLS)}")
-    run_row, random_row = encoder_row_names(cfg)
+    run_row, random_row = encoder_row_names(cfg, method)
     encoders: list[tuple[str, Callable[[Tensor], Tensor], nn.Module]] = [(run_row, method.embed, method)]
     if baselines:
-        torch.manual_seed(cfg.train.seed)
-        random_init = build_backbone(cfg, splits).to(device)
+        random_init = random_init_encoder(cfg, splits, method).to(device)
         encoders.append((random_row, random_init, random_init))
         fixed: dict[str, nn.Module] = {"raw pixels": nn.Flatten(), "HOG": HOGFeatures()}
         encoders += [(name, module, module) for name, module in fixed.items()]

@@ -30,7 +30,7 @@ from selfsup.config import Config, ConfigError, dump_config
 from selfsup.data import DataError
 from selfsup.data.loader import EpochBatchSampler, iterate_batches
 from selfsup.engine import distributed as engine_dist
-from selfsup.engine.build import Components, build_backbone, build_components, view_recipe_name
+from selfsup.engine.build import Components, build_components, random_init_encoder, view_recipe_name
 from selfsup.engine.checkpoint import (
     CheckpointError,
     clean_stale_temporaries,
@@ -45,6 +45,7 @@ from selfsup.engine.export import encoder_metadata
 from selfsup.engine.logging import RunLogger, plot_loss_curve
 from selfsup.engine.loop import DataBatch, LoopSchedule, NonFiniteLossError, TrainingLoop
 from selfsup.engine.optim import build_optimizer
+from selfsup.engine.protocols import encoder_row_names
 from selfsup.errors import RunInterrupted, TrainingError
 from selfsup.methods.base import StepInfo
 from selfsup.nn.distributed import convert_sync_batchnorm
@@ -623,13 +624,11 @@ class PretrainRun:
         gather = self.dist.world_size > 1
         from tqdm.auto import tqdm
 
-        encoders: list[tuple[str, Any, nn.Module]] = [
-            (f"{cfg.method['name']} ({cfg.backbone['name']})", self.method.embed, self.method)
-        ]
+        run_row, random_row = encoder_row_names(cfg, self.method)
+        encoders: list[tuple[str, Any, nn.Module]] = [(run_row, self.method.embed, self.method)]
         if cfg.eval.baselines:
-            torch.manual_seed(cfg.train.seed)
-            random_init = build_backbone(cfg, splits).to(self.device)
-            encoders.append((f"random-init {cfg.backbone['name']}", random_init, random_init))
+            random_init = random_init_encoder(cfg, splits, self.method).to(self.device)
+            encoders.append((random_row, random_init, random_init))
         bar = tqdm(
             total=len(encoders) + cfg.eval.baselines,
             desc="evaluate (kNN, linear probe)",
