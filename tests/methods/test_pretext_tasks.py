@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from selfsup.engine.evaluation import evaluate_encoder
 from selfsup.engine.run import PretrainRun
+from selfsup.errors import ConfigError
 from selfsup.methods.base import Batch, Method, StepInfo
 from selfsup.methods.jigsaw import Jigsaw
 from selfsup.methods.relative_location import RelativeLocation
@@ -138,7 +139,8 @@ def test_tiny_run_learns_the_pretext_task_without_collapse(tmp_path: Path, name:
 def test_jigsaw_tile_features_are_the_encoder_on_each_centred_tile() -> None:
     """``eval_features="tiles"``: the encoder on the 3x3 centred tiles in raster order,
     concatenated, deterministic, and the random-init baseline rebuilds the same tiling."""
-    from selfsup.methods.jigsaw import Jigsaw, TileEncoder, normalize_tiles
+    from selfsup.methods.jigsaw import Jigsaw
+    from selfsup.nn.tiles import TileEncoder, normalize_tiles
 
     backbone = BACKBONES.build("convnet", in_channels=1, image_size=10, width=4)
     method = Jigsaw(backbone, image_size=30, num_permutations=4, fc6_dim=8, fc7_dim=8, eval_features="tiles").eval()
@@ -158,3 +160,18 @@ def test_jigsaw_tile_features_are_the_encoder_on_each_centred_tile() -> None:
     rebuilt = Jigsaw.build_embedder(spec, lambda: BACKBONES.build("convnet", in_channels=1, image_size=10, width=4))
     rebuilt.load_state_dict(encoder.state_dict())
     torch.testing.assert_close(rebuilt.eval()(images), method.embed(images))
+
+
+def test_relative_location_patch_features_are_the_encoder_on_each_centred_patch() -> None:
+    from selfsup.methods.relative_location import RelativeLocation
+    from selfsup.nn.tiles import TileEncoder
+
+    backbone = BACKBONES.build("convnet", in_channels=1, image_size=8, width=4)
+    method = RelativeLocation(backbone, image_size=36, fc6_dim=8, fc7_dim=8, eval_features="patches").eval()
+    images = torch.randn(2, 1, 36, 36)
+    patches = TileEncoder(backbone, method.patch_size, normalize=False).tiles(images)
+    expected = torch.cat([backbone(patches[:, i]) for i in range(9)], dim=1)  # not normalised
+    torch.testing.assert_close(method.embed(images), expected, rtol=1e-4, atol=1e-5)
+    assert method.num_features == 9 * backbone.num_features
+    with pytest.raises(ConfigError, match="eval_features"):
+        RelativeLocation(backbone, image_size=36, eval_features="tiles")

@@ -47,46 +47,12 @@ from selfsup.methods.base import Batch, Method, StepInfo
 from selfsup.monitors import feature_std_tensor
 from selfsup.nn.backbones.protocol import feature_dim
 from selfsup.nn.heads import mlp_head
+from selfsup.nn.tiles import TileEncoder, normalize_tiles
 from selfsup.registry import METHODS
 from selfsup.transforms.pretext import MIN_PATCH_SIZE, hamming_permutations, jigsaw_batch
 
 GRID = 3
 PAPER_TILE, PAPER_CELL = 64, 75
-
-
-def normalize_tiles(tiles: Tensor, eps: float = 1e-5) -> Tensor:
-    """Each tile ``(..., C, t, t)`` to zero mean and unit std over its own pixels."""
-    mean = tiles.mean(dim=(-3, -2, -1), keepdim=True)
-    std = tiles.std(dim=(-3, -2, -1), keepdim=True)
-    return (tiles - mean) / (std + eps)
-
-
-class TileEncoder(nn.Module):
-    """The Context-Free Network's view of an image: the encoder on each of the 3x3 centred
-    tiles, concatenated. ``(B, C, H, W) -> (B, 9 D)``, deterministic (no jitter)."""
-
-    def __init__(self, backbone: nn.Module, tile_size: int, normalize: bool = True) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.tile_size = tile_size
-        self.normalize = normalize
-        self.num_features = GRID * GRID * feature_dim(backbone)
-
-    def tiles(self, images: Tensor) -> Tensor:
-        """``(B, 9, C, t, t)``: the centred ``t`` px tile of each cell, in raster order."""
-        h, w = images.shape[-2:]
-        cell = min(h, w) // GRID
-        top, left, inset = (h - GRID * cell) // 2, (w - GRID * cell) // 2, (cell - self.tile_size) // 2
-        square = images[..., top : top + GRID * cell, left : left + GRID * cell]
-        cells = square.unflatten(-2, (GRID, cell)).unflatten(-1, (GRID, cell))  # (B, C, 3, cell, 3, cell)
-        cells = cells.permute(0, 2, 4, 1, 3, 5).flatten(1, 2)  # (B, 9, C, cell, cell)
-        return cells[..., inset : inset + self.tile_size, inset : inset + self.tile_size]
-
-    def forward(self, images: Tensor) -> Tensor:
-        tiles = self.tiles(images)
-        if self.normalize:
-            tiles = normalize_tiles(tiles)
-        return self.backbone(tiles.flatten(0, 1)).unflatten(0, (images.shape[0], GRID * GRID)).flatten(1)
 
 
 @METHODS.register("jigsaw")
