@@ -37,6 +37,7 @@ def make_run(
     name: str,
     *,
     method: str = "simclr",
+    method_options: dict[str, Any] | None = None,
     encoder: dict[str, Any] | None = None,
     baselines: dict[str, dict[str, Any]] | None = None,
     data: dict[str, Any] | None = None,
@@ -66,7 +67,7 @@ def make_run(
         tree = {
             "data": data or {"name": "fashion-mnist"},
             "backbone": backbone,
-            "method": {"name": method},
+            "method": {"name": method, **(method_options or {})},
             "views": {"name": None},
             "optim": {"name": "adamw"},
             "train": {"epochs": epochs, "seed": seed, "threads": 2},
@@ -403,3 +404,12 @@ def test_runs_as_a_module_without_importing_torch(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "| simclr |" in done.stdout
+
+
+def test_runs_of_one_method_with_different_options_are_told_apart(tmp_path: Path) -> None:
+    make_run(tmp_path, "a", method="jigsaw")
+    make_run(tmp_path, "b", method="jigsaw", method_options={"eval_features": "tiles"})
+    make_run(tmp_path, "c", method="simclr", method_options={"temperature": 0.1})
+    table = method_table(load_run(tmp_path / name) for name in "abc")
+    methods = [cells[0] for cells in table_rows(table)][:3]
+    assert methods == ["jigsaw (eval_features=null)", 'jigsaw (eval_features="tiles")', "simclr"]

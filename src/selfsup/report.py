@@ -349,6 +349,7 @@ def method_table(runs: Iterable[RunRecord]) -> str:
         raise ReportError("no runs to report")
     data_labels = _labels(runs, "data")
     backbone_labels = _labels(runs, "backbone")
+    method_labels = _labels(runs, "method")  # e.g. jigsaw (eval_features="tiles") beside plain jigsaw
     datasets: dict[str, list[RunRecord]] = {}
     for run in runs:
         datasets.setdefault(_canonical(run.section("data")), []).append(run)
@@ -372,7 +373,7 @@ def method_table(runs: Iterable[RunRecord]) -> str:
         for run in members:
             cells = {
                 "dataset": data_label,
-                "method": run.method,
+                "method": method_labels[_canonical(run.section("method"))] if run.section("method") else run.method,
                 "backbone": backbone_labels[_canonical(run.section("backbone"))],
                 "epochs": _format_epochs(run.epochs),
                 "seed": _format_seed(run.seed),
