@@ -560,3 +560,93 @@ def test_skipped_images_are_counted_and_listed_in_the_run_folder(
     listed = (run.run_dir / "skipped.txt").read_text().split()
     assert listed == [str(root / f"bad{i}.png") for i in range(3)]
     assert "skipped 3 unreadable image(s) of 43" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- image-folder masks
+
+
+def _masked_folder(tmp_path: Path) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    """Class folders of 8x12 (H x W) RGB images with 8x12 masks, and each image's expected
+    4x4 mask: the central 8x8 square (columns 2..9) sampled at source pixels 1, 3, 5, 7."""
+    root, masks = tmp_path / "images", tmp_path / "masks"
+    expected: dict[str, np.ndarray] = {}
+    for cls in ["a", "b"]:
+        for i in range(3):
+            mask = np.zeros((8, 12), dtype=np.uint8)
+            if cls == "a":
+                mask[2:6, 4:8] = 2  # crop columns 2..9 -> square at rows 2:6, cols 2:6
+            else:
+                mask[:, 2 + 4 :] = 1  # right half of the crop is class 1 ...
+                mask[0:2, 2:4] = 3  # ... with a class-3 corner at the crop's top left
+            image = np.full((8, 12, 3), 30 * i + (0 if cls == "a" else 100), dtype=np.uint8)
+            _save_png(root / cls / f"{i}.png", image)
+            _save_png(masks / cls / f"{i}.png", mask)
+            crop = mask[:, 2:10].astype(np.int64)
+            expected[f"{cls}/{i}"] = crop[1::2, 1::2]
+    return root, masks, expected
+
+
+def _expected_masks(ds: ImageFolderDataset, root: Path, expected: dict[str, np.ndarray]) -> torch.Tensor:
+    keys = [os.path.splitext(os.path.relpath(ds.path(i), root))[0] for i in range(len(ds))]
+    return torch.from_numpy(np.stack([expected[k] for k in keys]))
+
+
+def test_image_folder_masks_follow_the_image_geometry_and_subsets(tmp_path: Path) -> None:
+    from selfsup.engine.dense import check_masks
+
+    root, masks, expected = _masked_folder(tmp_path)
+    splits = build_image_folder(str(root), image_size=4, masks=str(masks), test_fraction=0.34)
+    assert check_masks(splits) == 4  # ids 0..3 found by the build-time scan
+    for ds in (splits.train, splits.test):
+        assert isinstance(ds, ImageFolderDataset) and ds.num_mask_classes == 4
+        got = ds.get_masks(torch.arange(len(ds)))
+        assert got.dtype == torch.int64 and got.shape == (len(ds), 4, 4)
+        assert torch.equal(got, _expected_masks(ds, root, expected))
+    # The masks follow a subset, and the eval loader's indices address them.
+    sub = splits.train.subset([2, 0])
+    assert isinstance(sub, ImageFolderDataset) and sub.num_mask_classes == 4
+    assert torch.equal(sub.get_masks(torch.tensor([0, 1])), _expected_masks(sub, root, expected))
+    _, _, indices = next(iterate_eval(splits.test, 8))
+    assert torch.equal(splits.test.get_masks(indices), _expected_masks(splits.test, root, expected)[indices])
+    # An explicit class count skips the scan; an id beyond it is a one-line error.
+    given = build_image_folder(str(root), image_size=4, masks=str(masks), mask_classes=10)
+    assert check_masks(given) == 10
+    small = build_image_folder(str(root), image_size=4, masks=str(masks), mask_classes=2)
+    with pytest.raises(DataError, match="raise mask_classes"):
+        small.train.get_masks(torch.arange(len(small.train)))  # type: ignore[attr-defined]
+
+
+def test_image_folder_without_masks_is_refused_by_dense(tmp_path: Path) -> None:
+    from selfsup.config import ConfigError
+    from selfsup.engine.dense import check_masks
+
+    root, _, _ = _masked_folder(tmp_path)
+    splits = build_image_folder(str(root), image_size=4)
+    assert not hasattr(splits.train, "num_mask_classes")
+    with pytest.raises(ConfigError, match="dense needs a data set with masks"):
+        check_masks(splits)
+
+
+def test_image_folder_mask_errors(tmp_path: Path) -> None:
+    root, masks, _ = _masked_folder(tmp_path)
+    (masks / "b" / "1.png").unlink()
+    with pytest.raises(DataError, match=r"has no mask file .*1\.png'; add it") as info:
+        build_image_folder(str(root), image_size=4, masks=str(masks))
+    assert "\n" not in str(info.value)
+    # With mask_classes given there is no scan: the error comes from get_masks.
+    splits = build_image_folder(str(root), image_size=4, masks=str(masks), mask_classes=4, test_fraction=0.5)
+    with pytest.raises(DataError, match="has no mask file"):
+        for ds in (splits.train, splits.test):
+            ds.get_masks(torch.arange(len(ds)))  # type: ignore[attr-defined]
+    _save_png(masks / "b" / "1.png", np.zeros((8, 8), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"is 8x8px but its image .* is 12x8px; save the mask"):
+        build_image_folder(str(root), image_size=4, masks=str(masks))
+    _save_png(masks / "b" / "1.png", np.zeros((8, 12, 3), dtype=np.uint8))
+    with pytest.raises(DataError, match="not a single-channel integer image"):
+        build_image_folder(str(root), image_size=4, masks=str(masks))
+    with pytest.raises(DataError, match="does not exist"):
+        build_image_folder(str(root), image_size=4, masks=str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="pass test_masks=<folder>"):
+        build_image_folder(str(root), test_root=str(root), image_size=4, masks=str(masks))
+    with pytest.raises(DataError, match="mirrors test_root"):
+        build_image_folder(str(root), image_size=4, test_masks=str(masks))

@@ -7,7 +7,7 @@ center-crop; ``None`` keeps the native size where the images are all the same si
 ==================  ==========================================================================
 ``fashion-mnist``   idx ``.gz`` files (Debian: ``apt-get install -y dataset-fashion-mnist``)
 ``digits``          scikit-learn's bundled 8x8 digits, stratified train/test split
-``image-folder``    a folder of images, labelled by class sub-folder or unlabelled
+``image-folder``    a folder of images, labelled by class sub-folder or unlabelled (+ masks)
 ``cifar``           an extracted ``cifar-10-batches-py`` or ``cifar-100-python`` folder
 ``npz``             arrays ``x_train``/``y_train`` (+ optional test and unlabelled images)
 ``scenes``          synthetic: generated coloured shapes with masks and captions (no files)
@@ -349,7 +349,16 @@ class ImageFolderDataset(ImageDataset):
             :class:`DataError` naming the file.
         num_classes: number of classes (``None`` when unlabelled).
         class_names: class names in label order.
+        mask_paths: one segmentation mask file per image (a single-channel PNG of class
+            ids), or ``None``. With masks the dataset has :meth:`get_masks` and
+            :attr:`num_mask_classes` (what ``selfsup eval dense`` needs).
+        num_mask_classes: number of mask classes; with ``mask_paths`` and ``None`` the
+            builder sets :attr:`num_mask_classes` after scanning the masks.
     """
+
+    #: Number of mask classes (ids ``0..num_mask_classes-1``); only set when the dataset has
+    #: masks, so ``hasattr(ds, "num_mask_classes")`` tells whether it has any.
+    num_mask_classes: int
 
     def __init__(
         self,
@@ -360,6 +369,8 @@ class ImageFolderDataset(ImageDataset):
         on_error: str = "skip",
         num_classes: int | None = None,
         class_names: list[str] | None = None,
+        mask_paths: Sequence[str] | None = None,
+        num_mask_classes: int | None = None,
     ) -> None:
         if mode not in ("RGB", "L"):
             raise DataError(f"mode must be 'RGB' or 'L', got {mode!r}")
@@ -380,6 +391,12 @@ class ImageFolderDataset(ImageDataset):
         self.class_names = class_names
         self._failed: set[int] = set()
         self._warned = False
+        self._mask_paths = None if mask_paths is None else np.array(list(mask_paths), dtype=str)
+        if self._mask_paths is not None and len(self._mask_paths) != len(self._paths):
+            raise DataError(f"{len(self._mask_paths)} mask paths for {len(self._paths)} images")
+        if self._mask_paths is not None and num_mask_classes is not None:
+            check_positive("mask_classes", num_mask_classes)
+            self.num_mask_classes = num_mask_classes
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -444,6 +461,89 @@ class ImageFolderDataset(ImageDataset):
             return torch.from_numpy(array.copy()).unsqueeze(0)
         return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
+    def _read_mask(self, index: int, skip_unreadable: bool = False) -> np.ndarray | None:
+        """The full-size mask of sample ``index``: int64 ``(H, W)`` class ids, checked to
+        exist, be single-channel, hold ids >= 0 and have its image's size; ``None`` for an
+        unreadable image with ``skip_unreadable`` and ``on_error="skip"``."""
+        assert self._mask_paths is not None
+        image_path, mask_path = self.path(index), str(self._mask_paths[index])
+        if not os.path.isfile(mask_path):
+            raise DataError(
+                f"image {image_path!r} has no mask file {mask_path!r}; add it (a single-channel "
+                "PNG of class ids at the image's relative path under masks=) or remove the image"
+            )
+        try:
+            with Image.open(image_path) as img:
+                image_wh = img.size  # the header only: no pixel decoding
+        except _DECODE_ERRORS as e:
+            if skip_unreadable and self.on_error == "skip":
+                return None
+            raise DataError(f"cannot read image {image_path!r}: {e}; delete or replace the file") from e
+        try:
+            with Image.open(mask_path) as mask:
+                array = np.asarray(mask)  # "P": palette indices, "I;16"/"I": 16/32-bit ids
+        except _DECODE_ERRORS as e:
+            raise DataError(f"cannot read mask {mask_path!r}: {e}; replace the file") from e
+        if array.ndim != 2 or array.dtype.kind not in "biu":
+            raise DataError(
+                f"mask {mask_path!r} is not a single-channel integer image (shape {array.shape}, "
+                f"{array.dtype}); save class ids as a grayscale ('L') or palette ('P') PNG"
+            )
+        if (array.shape[1], array.shape[0]) != image_wh:
+            raise DataError(
+                f"mask {mask_path!r} is {array.shape[1]}x{array.shape[0]}px but its image "
+                f"{image_path!r} is {image_wh[0]}x{image_wh[1]}px; save the mask at the image's size"
+            )
+        array = array.astype(np.int64)
+        if array.size and array.min() < 0:
+            raise DataError(f"mask {mask_path!r} holds negative class ids; class ids must be >= 0")
+        return array
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the dataset has a mask file per image."""
+        return self._mask_paths is not None
+
+    def mask_max_id(self) -> int:
+        """The largest class id over every mask of the dataset (-1 when empty): decodes
+        every mask once, checking it like :meth:`get_masks` (images that cannot be read are
+        left out under ``on_error="skip"``, as the loaders leave them out)."""
+        top = -1
+        for i in range(len(self)):
+            mask = self._read_mask(i, skip_unreadable=True)
+            if mask is not None and mask.size:
+                top = max(top, int(mask.max()))
+        return top
+
+    def get_masks(self, indices: Tensor) -> Tensor:
+        """int64 masks ``(B, S, S)`` of the samples ``indices``, with the images' geometry:
+        the central square of the shorter side, resized nearest-neighbour (pixel centres,
+        as ``F.interpolate(mode="nearest-exact")``) so class ids stay ids.
+
+        Raises :class:`DataError` for a missing mask file, a mask whose size differs from its
+        image's, or a class id ``>= num_mask_classes``.
+        """
+        if self._mask_paths is None:
+            raise DataError("this image-folder data set has no masks; pass masks=<folder> to the data set")
+        size = self.image_size
+        out = torch.empty((len(indices), size, size), dtype=torch.int64)
+        for row, index in enumerate(torch.as_tensor(indices, dtype=torch.int64).tolist()):
+            mask = self._read_mask(index)
+            assert mask is not None
+            h, w = mask.shape
+            side = min(h, w)
+            top, left = (h - side) // 2, (w - side) // 2
+            # Source pixel of output pixel i: floor((i + 0.5) * side / size), in integers.
+            src = (2 * np.arange(size) + 1) * side // (2 * size)
+            out[row] = torch.from_numpy(mask[np.ix_(top + src, left + src)])
+            limit = getattr(self, "num_mask_classes", None)
+            if limit is not None and int(out[row].max()) >= limit:
+                raise DataError(
+                    f"mask {self._mask_paths[index]!r} holds class id {int(out[row].max())} >= "
+                    f"mask_classes={limit}; raise mask_classes or fix the mask"
+                )
+        return out
+
     def __getitem__(self, index: int) -> Sample | None:
         n = len(self)
         if not -n <= index < n:
@@ -469,6 +569,7 @@ class ImageFolderDataset(ImageDataset):
         """A new dataset of the given samples (indices renumbered from 0)."""
         idx = torch.as_tensor(indices, dtype=torch.int64)
         labels = None if self.labels is None else self.labels[idx]
+        masks = None if self._mask_paths is None else self._mask_paths[idx.numpy()].tolist()
         return ImageFolderDataset(
             self._paths[idx.numpy()].tolist(),
             labels,
@@ -477,6 +578,8 @@ class ImageFolderDataset(ImageDataset):
             self.on_error,
             self.num_classes,
             self.class_names,
+            masks,
+            getattr(self, "num_mask_classes", None),
         )
 
 
@@ -492,6 +595,15 @@ def _relabel(labels: list[int], names: list[str], classes: list[str], what: str,
     return lookup[torch.tensor(labels, dtype=torch.int64)]
 
 
+def _mask_paths(paths: Sequence[str], root: str, masks: str | None, what: str) -> list[str] | None:
+    """The mask file of each image: its path relative to ``root`` under ``masks``, ``.png``."""
+    if masks is None:
+        return None
+    if not Path(masks).is_dir():
+        raise DataError(f"{what}={masks!r} does not exist or is not a directory")
+    return [os.path.join(masks, os.path.splitext(os.path.relpath(p, root))[0] + ".png") for p in paths]
+
+
 @DATASETS.register("image-folder")
 def build_image_folder(
     root: str,
@@ -504,6 +616,10 @@ def build_image_folder(
     seed: int = 0,
     limit: int | None = None,
     stats_samples: int = 2000,
+    masks: str | None = None,
+    train_masks: str | None = None,
+    test_masks: str | None = None,
+    mask_classes: int | None = None,
 ) -> DataSplits:
     """Images in folders, labelled by class sub-folder (``root/<class>/**/<img>``) or
     unlabelled (``root/<img>``).
@@ -531,6 +647,16 @@ def build_image_folder(
         seed: seed of the split and of the ``limit`` subset.
         limit: cap on the samples of each split (seeded random subset).
         stats_samples: images decoded to estimate the mean/std (decoding is the cost).
+        masks: segmentation masks of ``root``'s images (for ``selfsup eval dense``): a folder
+            mirroring ``root``, one single-channel PNG per image at the same relative path
+            with extension ``.png`` (``root/cat/a.jpg`` -> ``masks/cat/a.png``), whose pixel
+            values are class ids (0 = background by convention), at the image's size. Masks
+            follow the images' geometry (central square, resized nearest-neighbour).
+        train_masks: the same for ``train_root`` (needed with ``train_root`` and ``masks``).
+        test_masks: the same for ``test_root`` (needed with ``test_root`` and masks).
+        mask_classes: number of mask classes; ``None`` scans the masks of the ``train`` and
+            ``test`` splits once at build time (after ``limit``; this also checks every mask
+            early) and takes the largest id + 1. Give it to skip the scan on big folders.
     """
     if image_size is None:
         raise DataError(
@@ -544,26 +670,57 @@ def build_image_folder(
     if on_error not in ("skip", "raise"):
         raise DataError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
 
+    check_positive("mask_classes", mask_classes)
+    for option, value, folder in (("train_masks", train_masks, train_root), ("test_masks", test_masks, test_root)):
+        if value is not None and folder is None:
+            raise DataError(f"{option}={value!r} mirrors {option[:-5]}root, which is not given; pass both or neither")
+    has_masks = any(m is not None for m in (masks, train_masks, test_masks))
+    if has_masks:
+        needed = {"train_masks": train_masks} if train_root is not None else {"masks": masks}
+        if test_root is not None:
+            needed["test_masks"] = test_masks
+        missing = [option for option, value in needed.items() if value is None]
+        if missing:
+            raise DataError(f"with masks, both the train and the test images need them: pass {missing[0]}=<folder> too")
+
     root_paths, root_labels, root_classes = scan_image_folder(root, "root")
     if mode == "auto":
         mode = _detect_mode(root_paths)
+    if has_masks and root_classes is None and train_root is None:
+        raise DataError(
+            f"masks: root={root!r} holds loose images, so there are no train/test splits to "
+            "probe; put the images in one class sub-folder (root/all/<image>, masks/all/<mask>)"
+        )
+    mask_roots = {
+        root: ("masks", masks),
+        train_root: ("train_masks", train_masks),
+        test_root: ("test_masks", test_masks),
+    }
 
-    def make(paths: Sequence[str], labels: Tensor | None, classes: list[str] | None) -> ImageFolderDataset:
-        """A dataset sharing this call's size, mode and error policy."""
+    def make(
+        paths: Sequence[str], labels: Tensor | None, classes: list[str] | None, where: str | None = None
+    ) -> ImageFolderDataset:
+        """A dataset sharing this call's size, mode and error policy (with the masks of the
+        folder ``where`` the paths come from, if it has any)."""
         num = None if classes is None else len(classes)
-        return ImageFolderDataset(paths, labels, image_size, mode, on_error, num, classes)
+        option, folder = mask_roots.get(where, ("masks", None))
+        mask_paths = _mask_paths(paths, where, folder, option) if where is not None else None
+        return ImageFolderDataset(paths, labels, image_size, mode, on_error, num, classes, mask_paths, mask_classes)
 
-    def split(paths: list[str], labels: list[int], classes: list[str]) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+    def split(
+        paths: list[str], labels: list[int], classes: list[str], where: str
+    ) -> tuple[ImageFolderDataset, ImageFolderDataset]:
         """Seeded stratified train/test split of one labelled folder."""
-        full = make(paths, torch.tensor(labels, dtype=torch.int64), classes)
+        full = make(paths, torch.tensor(labels, dtype=torch.int64), classes, where)
         assert full.labels is not None
         gen = torch.Generator().manual_seed(seed)
         train_idx, test_idx = stratified_split(full.labels, test_fraction, gen)
         return full.subset(train_idx), full.subset(test_idx)
 
     if train_root is not None:
-        pretrain = make(root_paths, None, None)
+        pretrain = make(root_paths, None, None, root)
         train_paths, train_labels, classes = scan_image_folder(train_root, "train_root")
+        train_where = train_root
         if classes is None or train_labels is None:
             raise DataError(
                 f"train_root={train_root!r} holds loose images; labelled training images must "
@@ -571,6 +728,7 @@ def build_image_folder(
             )
     elif root_classes is not None and root_labels is not None:
         train_paths, train_labels, classes = root_paths, root_labels, root_classes
+        train_where = root
         pretrain = None
     else:
         if test_root is not None:
@@ -589,13 +747,22 @@ def build_image_folder(
                 f"test_root={test_root!r} holds loose images; test images must sit in class "
                 "sub-folders named like the training classes"
             )
-        train = make(train_paths, torch.tensor(train_labels, dtype=torch.int64), classes)
-        test = make(test_paths, _relabel(test_labels, test_classes, classes, "test_root", test_root), classes)
+        train = make(train_paths, torch.tensor(train_labels, dtype=torch.int64), classes, train_where)
+        test_labels_t = _relabel(test_labels, test_classes, classes, "test_root", test_root)
+        test = make(test_paths, test_labels_t, classes, test_root)
     else:
-        train, test = split(train_paths, train_labels, classes)
+        train, test = split(train_paths, train_labels, classes, train_where)
     if pretrain is None:
         pretrain = train
-    return _finish("image-folder", pretrain, train, test, len(classes), limit, seed, stats_samples)
+    splits = _finish("image-folder", pretrain, train, test, len(classes), limit, seed, stats_samples)
+    if has_masks and mask_classes is None:
+        # One pass over the masks the dense probe reads (train and test), not pretrain's.
+        probed = [d for d in (splits.train, splits.test) if isinstance(d, ImageFolderDataset)]
+        found = max(d.mask_max_id() for d in probed)
+        for d in (splits.pretrain, splits.train, splits.test):
+            if isinstance(d, ImageFolderDataset) and d.has_masks:
+                d.num_mask_classes = max(found + 1, 1)
+    return splits
 
 
 # ------------------------------------------------------------------------------------ CIFAR

@@ -9,7 +9,7 @@ and scored on the test split (mIoU, pixel accuracy; :mod:`selfsup.eval.dense`). 
 classifier: what a linear read-out gets without any learned context.
 
 It needs a data set with masks, i.e. one whose splits have ``get_masks(indices)`` and
-``num_mask_classes`` (the synthetic ``scenes`` set).
+``num_mask_classes`` (the synthetic ``scenes`` set; ``image-folder`` with ``masks``).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def check_masks(splits: DataSplits) -> int:
         if not callable(getattr(split, "get_masks", None)) or not hasattr(split, "num_mask_classes"):
             raise ConfigError(
                 f"dense needs a data set with masks (scenes); data.name={splits.name!r} has none "
-                "(run it on data.name=scenes)"
+                "(run it on data.name=scenes, or image-folder with data.masks=<mask folder>)"
             )
     return int(splits.train.num_mask_classes)  # type: ignore[attr-defined]
 
