@@ -255,8 +255,9 @@ class Method(nn.Module):
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
-        """``(B, C, H, W) -> (B, num_features)`` features used for evaluation."""
-        return self.eval_backbone(images)
+        """``(B, C, H, W) -> (B, num_features)`` features used for evaluation, computed by the
+        ``embedder()`` module (``eval_backbone`` unless the method declares its own)."""
+        return self.embedder()[0](images)
 
     def embedder(self) -> tuple[nn.Module, dict[str, Any] | None]:
         """The module that computes ``embed`` (what ``backbone.safetensors``, exports,

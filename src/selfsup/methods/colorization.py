@@ -223,11 +223,6 @@ class Colorization(Method):
         self.ab_counts += outputs["ab_counts"].sum(dim=0).to(self.ab_counts)
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def embed(self, images: Tensor) -> Tensor:
-        """Normalised RGB ``(B, 3, H, W)`` -> ``(B, num_features)`` features of their lightness."""
-        return self.embedder()[0](images)
-
     def embedder(self) -> tuple[nn.Module, dict[str, Any] | None]:
         """``embed`` as a module: the backbone behind the RGB -> lightness conversion."""
         spec = {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}

@@ -38,7 +38,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from selfsup.errors import ConfigError
@@ -147,10 +146,6 @@ class Jigsaw(Method):
     @classmethod
     def build_embedder(cls, spec: Mapping[str, Any], backbone: Callable[[], nn.Module]) -> nn.Module:
         return TileEncoder(backbone(), int(spec["tile_size"]), bool(spec["normalize"]))
-
-    def embed(self, images: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self.embedder()[0](images)
 
     @property
     def num_features(self) -> int:

@@ -136,10 +136,6 @@ class RelativeLocation(Method):
     def build_embedder(cls, spec: Mapping[str, Any], backbone: Callable[[], nn.Module]) -> nn.Module:
         return TileEncoder(backbone(), int(spec["patch_size"]), normalize=False)
 
-    def embed(self, images: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self.embedder()[0](images)
-
     @property
     def num_features(self) -> int:
         scale = 9 if self.eval_features == "patches" else 1
