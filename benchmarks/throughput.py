@@ -9,6 +9,10 @@ fresh subprocess so peak memory (max RSS on CPU, max allocated on CUDA) is its o
     python benchmarks/throughput.py                      # all methods, ConvNet, 28 px
     python benchmarks/throughput.py --methods simclr byol --backbone resnet18 --image-size 32
     python benchmarks/throughput.py --device cuda --batch-size 256 --steps 30
+    python benchmarks/throughput.py --methods moco_v2 --set method.mochi=true --set method.mochi_start_epoch=0
+
+"update %" is the share of the step spent in ``on_step_end`` (queue, memory bank, centre or
+codebook updates).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
             f"train.precision={args.precision}",
             f"train.channels_last={str(args.channels_last).lower()}",
             "train.progress=false",
+            *args.set,
         ],
     )
     for key, value in json.loads(args.backbone_options).items():
@@ -115,8 +120,22 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
         sync()
         return steps * args.batch_size / (time.perf_counter() - start)
 
+    # Time spent in the per-step state updates (queues, banks, centres, codebooks): on_step_end.
+    update_seconds = [0.0]
+    on_step_end = method.on_step_end
+
+    def timed_on_step_end(*a: Any, **k: Any) -> None:
+        sync()
+        start = time.perf_counter()
+        on_step_end(*a, **k)
+        sync()
+        update_seconds[0] += time.perf_counter() - start
+
+    method.on_step_end = timed_on_step_end  # type: ignore[method-assign]
     step_counter = iter(range(10**9))
+    total_start = time.perf_counter()
     method_ips = timed(lambda: loop.step(data, loop.step_info(next(step_counter))), args.steps)
+    update_share = update_seconds[0] / (time.perf_counter() - total_start)
 
     backbone = method.backbone
     fixed_views = views(images.to(device).float() / 255)
@@ -142,6 +161,7 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
         "backbone_images_per_s": bare_ips,
         "peak_memory_mb": peak_mb,
         "views": len(fixed_views),
+        "update_share": update_share,
     }
 
 
@@ -159,6 +179,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. method.mochi=true"
+    )
     parser.add_argument("--method", help=argparse.SUPPRESS)  # internal: measure one method, print JSON
     args = parser.parse_args()
 
@@ -175,7 +198,10 @@ def main() -> None:
         f"batch={args.batch_size} precision={args.precision} channels_last={args.channels_last} "
         f"device={args.device}"
     )
-    header = f"{'method':<12} {'views':>5} {'train img/s':>12} {'backbone img/s':>15} {'ratio':>6} {'peak MB':>8}"
+    header = (
+        f"{'method':<12} {'views':>5} {'train img/s':>12} {'backbone img/s':>15} {'ratio':>6} "
+        f"{'update %':>8} {'peak MB':>8}"
+    )
     print(header)
     print("-" * len(header))
     for name in methods:
@@ -187,7 +213,8 @@ def main() -> None:
         r = json.loads(done.stdout.strip().splitlines()[-1])
         print(
             f"{name:<12} {r['views']:>5} {r['method_images_per_s']:>12.0f} {r['backbone_images_per_s']:>15.0f} "
-            f"{r['method_images_per_s'] / r['backbone_images_per_s']:>6.2f} {r['peak_memory_mb']:>8.0f}",
+            f"{r['method_images_per_s'] / r['backbone_images_per_s']:>6.2f} {100 * r['update_share']:>8.1f} "
+            f"{r['peak_memory_mb']:>8.0f}",
             flush=True,
         )
 

@@ -8,9 +8,12 @@ selfsup resume runs/simclr-fashion-mnist-20261123-101500
 selfsup eval knn runs/simclr-fashion-mnist-20261123-101500
 selfsup eval linear runs/.../checkpoints/last.pt eval.linear_epochs=50
 selfsup eval retrieval runs/... --baselines      # also cluster (k-means), semi (1% / 10% labels)
+selfsup eval zeroshot runs/clip-...                # image-text runs: class-name prompts; retrieval: image<->text
 selfsup list methods
 selfsup export runs/simclr-... --format onnx              # also safetensors, torchscript
 selfsup embed runs/simclr-... photos/ -o features/         # features.npy + paths.txt
+selfsup curate runs/dino-... pool/ seeds/ -o curated/      # curated.txt for data.list_file
+selfsup distill runs/simclr-... --student-backbone '{name: convnet, width: 16}'  # SimCLR v2
 selfsup visualize attention runs/dino-... --images 0 1 2
 
 Every expected failure prints one line, ``error: <what> (<fix>)``, and exits with its class's
@@ -139,6 +142,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     parts = build_components(cfg, device)
     parts.method.load_state_dict(state["method"])
     splits = parts.splits
+    from selfsup.engine.zeroshot import has_text_side
+
+    if args.protocol == "zeroshot" or (args.protocol == "retrieval" and has_text_side(parts.method)):
+        return _image_text(args, cfg, parts, device)
     if splits.num_classes < 2:
         raise ConfigError(f"dataset {splits.name!r} has no labels to evaluate with")
     if args.protocol == "finetune":
@@ -226,6 +233,42 @@ def _protocol(args: argparse.Namespace, cfg: Config, parts: Components, device: 
     return 0
 
 
+def _image_text(args: argparse.Namespace, cfg: Config, parts: Components, device: torch.device) -> int:
+    """``selfsup eval zeroshot|retrieval`` of an image-text run (CLIP): zero-shot top-1 from
+    class-name prompts, or image<->text Recall@K (then also the image-to-image retrieval when
+    the data set is labelled); the metrics are added to the run's results.json."""
+    from selfsup.engine.evaluation import format_table
+    from selfsup.engine.protocols import frozen_protocol_rows
+    from selfsup.engine.zeroshot import (
+        format_image_text,
+        merge_results,
+        run_folder,
+        text_retrieval_rows,
+        zeroshot_rows,
+    )
+
+    splits = parts.splits
+    if args.protocol == "zeroshot":
+        rows = zeroshot_rows(parts.method, cfg, splits, parts.eval_views, device)
+        print(format_image_text(rows, f"{splits.name} test set, zero-shot (%)"))
+    else:
+        png = run_folder(args.run) / "retrieval_examples.png"
+        rows = text_retrieval_rows(parts.method, cfg, splits, parts.eval_views, device, examples=png)
+        print(format_image_text(rows, f"{splits.name} test set, image<->text retrieval (%)"))
+        print(f"retrieval examples: {png}")
+        if splits.num_classes >= 2:
+            frozen = frozen_protocol_rows(
+                "retrieval", parts.method, cfg, splits, parts.eval_views, device, baselines=args.baselines
+            )
+            print(format_table(frozen, f"{splits.name} test set, image retrieval (%)"))
+            for name, metrics in frozen.items():
+                rows.setdefault(name, {}).update(metrics)
+    print(f"added to {merge_results(args.run, rows)}", flush=True)
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
 def _dense(args: argparse.Namespace, cfg: Config, parts: Components, device: torch.device) -> int:
     """``selfsup eval dense``: a linear segmentation probe on the frozen feature maps (scenes)."""
     from selfsup.engine.dense import dense_rows
@@ -273,6 +316,93 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    """``selfsup distill``: SimCLR v2's fine-tune-then-distil table on 1% / 10% of the labels."""
+    from pathlib import Path
+
+    import yaml
+
+    from selfsup.engine.build import build_components
+    from selfsup.engine.checkpoint import load_checkpoint
+    from selfsup.engine.distill import distill_rows
+    from selfsup.engine.evaluation import format_table
+    from selfsup.engine.run import resolve_device
+
+    student = yaml.safe_load(args.student_backbone) if args.student_backbone else None
+    if student is not None and not (isinstance(student, dict) and "name" in student):
+        raise ConfigError(
+            f"--student-backbone {args.student_backbone!r} is not a backbone mapping "
+            "(e.g. '{name: convnet, width: 16}')"
+        )
+    state = load_checkpoint(args.run)
+    cfg = from_dict(apply_overrides(state["config"], args.overrides))
+    device = resolve_device(cfg.train.device)
+    parts = build_components(cfg, device)
+    parts.method.load_state_dict(state["method"])
+    if parts.splits.num_classes < 2:
+        raise ConfigError(f"dataset {parts.splits.name!r} has no labels to fine-tune and distil with")
+    try:
+        rows = distill_rows(
+            parts.method,
+            cfg,
+            parts.splits,
+            parts.eval_views,
+            device,
+            student_backbone=student,
+            epochs=args.epochs,
+            temperature=args.temperature,
+            lr=args.lr,
+        )
+    except ValueError as err:
+        if isinstance(err, SelfsupError):
+            raise
+        raise ConfigError(f"distill: {one_line(err)}") from err
+    print(format_table(rows, f"{parts.splits.name} test set, top-1 (%) with a fraction of the labels"))
+    results = Path(args.run) / "results.json"
+    if Path(args.run).is_dir():
+        merged = json.loads(results.read_text()) if results.is_file() else {}
+        for name, metrics in rows.items():
+            merged.setdefault(name, {}).update(metrics)
+        results.write_text(json.dumps(merged, indent=2))
+        print(f"added to {results}", flush=True)
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def _cmd_curate(args: argparse.Namespace) -> int:
+    """``selfsup curate``: DINOv2's data curation (deduplicate a pool, retrieve for seeds)."""
+    import yaml
+
+    from selfsup.engine.curate import curate
+    from selfsup.engine.run import resolve_device
+
+    options = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"data set option {item!r} is not key=value (e.g. root=/data/fashion-mnist)")
+        options[key] = yaml.safe_load(value)
+    curate(
+        args.run,
+        args.pool,
+        args.seeds,
+        args.output,
+        threshold=args.threshold,
+        dedup_k=args.dedup_k,
+        retrieve_k=args.k,
+        backend=args.backend,
+        center=not args.no_center,
+        pool_split=args.pool_split,
+        seed_split=args.seed_split,
+        options=options,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=resolve_device(args.device),
+    )
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEW_RECIPES
 
@@ -313,7 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_resume)
 
     p = sub.add_parser("eval", help="evaluate a run's encoder with labels")
-    p.add_argument("protocol", choices=["knn", "linear", "finetune", "cluster", "retrieval", "semi", "dense"])
+    p.add_argument(
+        "protocol", choices=["knn", "linear", "finetune", "cluster", "retrieval", "semi", "dense", "zeroshot"]
+    )
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.knn_k=[10,20]")
     p.add_argument(
@@ -352,6 +484,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes (folders)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index>")
     p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("distill", help="SimCLR v2: fine-tune on 1%%/10%% of the labels, distil into a student")
+    p.add_argument("run", help="run folder or checkpoint file (the teacher's pretraining run)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.semi_fractions=[0.01,0.1]")
+    p.add_argument("--student-backbone", help="the student's backbone as YAML, e.g. '{name: convnet, width: 16}'")
+    p.add_argument("--epochs", type=int, help="distillation epochs over the training set (eval.finetune_epochs)")
+    p.add_argument("--lr", type=float, help="distillation peak lr (default eval.finetune_lr)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the soft targets")
+    p.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser("curate", help="DINOv2 data curation: deduplicate a pool, retrieve neighbours of seeds")
+    p.add_argument("run", help="run folder, backbone.safetensors or exported .safetensors file")
+    p.add_argument("pool", help="uncurated images: a folder or a registered data set name")
+    p.add_argument("seeds", help="curated seed images: a folder or a registered data set name")
+    p.add_argument("overrides", nargs="*", help="data set options key=value, e.g. root=/data/fmnist")
+    p.add_argument("-o", "--output", required=True, help="output folder (curated.txt, duplicates.tsv)")
+    p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity of duplicates (default 0.95)")
+    p.add_argument("--dedup-k", type=int, default=64, help="neighbours searched for duplicates (DINOv2: 64)")
+    p.add_argument("--k", type=int, default=4, help="pool images retrieved per seed (DINOv2: 4)")
+    p.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch"], help="k-NN search")
+    p.add_argument("--no-center", action="store_true", help="do not subtract the pool's mean embedding first")
+    p.add_argument("--pool-split", default="train", help="data set split of the pool (default train)")
+    p.add_argument("--seed-split", default="train", help="data set split of the seeds (default train)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes (folders)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index>")
+    p.set_defaults(func=_cmd_curate)
 
     p = sub.add_parser("list", help="list registered components")
     p.add_argument("what", choices=["methods", "backbones", "datasets", "views", "configs"])

@@ -70,6 +70,12 @@ PROTOCOL_COLUMNS: tuple[tuple[str, str], ...] = (
     ("retrieval_map@r", "mAP@R"),
     ("retrieval_recall@1", "R@1"),
     ("dense_miou", "dense mIoU"),
+    # Image-text runs (`selfsup eval zeroshot|retrieval`): zero-shot top-1, on held-out
+    # attribute combinations apart, and image->text / text->image Recall@1.
+    ("zeroshot_top1", "zero-shot"),
+    ("zeroshot_top1_heldout", "zero-shot held-out"),
+    ("i2t_recall@1", "I->T R@1"),
+    ("t2i_recall@1", "T->I R@1"),
 )
 # Collapse monitors of the test features: shown as they are, never bold (higher is not better).
 MONITOR_COLUMNS: tuple[tuple[str, str, str], ...] = (

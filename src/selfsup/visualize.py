@@ -275,7 +275,10 @@ def reconstruction_grid(
 
     One row per image, three columns: the input, the masked input (hidden patches black),
     and the reconstruction (prediction on masked patches, input on visible ones). Needs a
-    method with ``reconstruct(images) -> (masked_input, reconstruction)`` (MAE).
+    method with ``reconstruct(images) -> (masked_input, reconstruction)`` (MAE); one that
+    returns two other images names them in ``reconstruction_titles`` (``vq_tokenizer``: the
+    decoder on the continuous encodings and on their tokens; BEiT: the tokens it predicts,
+    decoded by its pixel tokenizer).
 
     Args:
         run_dir_or_ckpt: a run folder or a checkpoint file written by ``selfsup pretrain``.
@@ -303,7 +306,7 @@ def reconstruction_grid(
         split,
         device,
         "reconstruct",
-        "reconstructions need a masked autoencoder such as mae",
+        "reconstructions need a masked autoencoder such as mae, or a tokenizer (vq_tokenizer)",
     )
     torch.manual_seed(seed)  # masks draw from the global generator
     masked, recon = method.reconstruct(x)  # type: ignore[operator]
@@ -315,7 +318,9 @@ def reconstruction_grid(
         """Undo the normalisation and lay out ``(B, H, W, C)`` in [0, 1] for imshow."""
         return (t.detach().float().cpu() * std + mean).clamp(0.0, 1.0).permute(0, 2, 3, 1)
 
-    columns = [("input", shown(x)), ("masked", shown(masked)), ("reconstruction", shown(recon))]
+    # A method may name its two images (a tokenizer shows its decoded encodings and tokens).
+    titles = getattr(method, "reconstruction_titles", ("masked", "reconstruction"))
+    columns = [("input", shown(x)), (titles[0], shown(masked)), (titles[1], shown(recon))]
     return _image_grid_figure(names, columns, out_path)
 
 

@@ -161,6 +161,28 @@ def test_frozen_model_errors_name_the_path_and_the_fix(tmp_path: Path) -> None:
         load_frozen_backbone(str(tmp_path), "teacher")
 
 
+def test_frozen_vit_saved_with_a_mask_token_loads_strictly(tmp_path: Path) -> None:
+    """A SimMIM/BEiT/iBOT ViT saved its mask token: it loads as a teacher or tokenizer, and a
+    file whose other keys do not fit is still refused."""
+    from safetensors.torch import save_file
+
+    options = {"name": "vit_tiny", "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2}
+    vit = BACKBONES.build(
+        options["name"], in_channels=1, image_size=8, **{k: v for k, v in options.items() if k != "name"}
+    )
+    vit.enable_mask_token()
+    meta = {"backbone": json.dumps(options), "in_channels": "1", "image_size": "8"}
+    state = {k: v.detach().contiguous() for k, v in vit.state_dict().items()}
+    assert "mask_token" in state
+    save_file(state, str(tmp_path / "backbone.safetensors"), metadata=meta)
+    loaded = load_frozen_backbone(str(tmp_path), "teacher")
+    assert torch.equal(loaded.mask_token, vit.mask_token)
+    state["extra"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "backbone.safetensors"), metadata=meta)
+    with pytest.raises(ConfigError, match="do not fit"):
+        load_frozen_backbone(str(tmp_path), "teacher")
+
+
 # ---------------------------------------------------------------------------- batch fields
 class _Fields(_Regress):
     """Declares labels, captions and masks; checks the loop hands exactly those."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import pkgutil
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ SMALL = {
     "proj_dim": 16,
     "pred_hidden_dim": 32,
     "out_dim": 32,
+    "patch_out_dim": 32,
     "num_prototypes": 16,
     "decoder_embed_dim": 32,
     "decoder_depth": 1,
@@ -31,9 +33,15 @@ SMALL = {
     "fc6_dim": 16,
     "fc7_dim": 32,
     "num_permutations": 8,
+    "text_width": 32,
+    "text_depth": 1,
+    "text_heads": 2,
+    "context_length": 16,
+    "vocab_size": 300,
 }
+NUM_SAMPLES = 256  # the pretraining set of the contract runs (engine fact and epoch pass)
 FACTS = {
-    "num_samples": 256,
+    "num_samples": NUM_SAMPLES,
     "image_size": 16,
     "in_channels": 1,
     "batch_size": 8,
@@ -41,6 +49,7 @@ FACTS = {
     "num_global_crops": 2,
     "mean": (0.5,),
     "std": (0.25,),
+    "captions": [f"caption {i} of {NUM_SAMPLES}" for i in range(NUM_SAMPLES)],
 }
 # Methods that need colour input (colorization predicts ab from L) get 3-channel images.
 CHANNELS = {"colorization": 3}
@@ -58,12 +67,24 @@ def _frozen_convnet(in_channels: int, image_size: int) -> torch.nn.Module:
 
 
 # Fixed-batch overfit steps where 40 are too few: relative location sees one random neighbour
-# per image per step, so each (image, neighbour) pair recurs only every ~8 steps.
-OVERFIT_STEPS = {"relative_location": 200}
+# per image per step, so each (image, neighbour) pair recurs only every ~8 steps. DropPos must
+# memorise where each patch of 16 random smooth images sits, from 3 dropped patches per image
+# per step (its learning on real images is tested in test_droppos.py).
+OVERFIT_STEPS = {"relative_location": 200, "droppos": 300}
 
-# Frozen models by option name, for the methods that need one (SEED's teacher); optional ones
-# such as finetune's ``init`` (which must match the backbone) keep their default.
-FROZEN = {"teacher": _frozen_convnet}
+
+def _frozen_tokenizer(in_channels: int, image_size: int) -> torch.nn.Module:
+    """BEiT's ``tokenizer`` as the engine loads a vq_tokenizer run (untrained, frozen): 4 px
+    patches, like the contract ViT."""
+    spec = {"in_channels": in_channels, "image_size": image_size, "patch_size": 4, "hidden_dim": 8, "codebook_size": 32}
+    tokenizer = METHODS.get("vq_tokenizer").build_embedder(spec, lambda: None)  # type: ignore[attr-defined]
+    return tokenizer.requires_grad_(False).eval()  # type: ignore[no-any-return]
+
+
+# Frozen models by option name, for the methods that need one (SEED's teacher, BEiT's
+# tokenizer); optional ones such as finetune's ``init`` (which must match the backbone) keep
+# their default.
+FROZEN = {"teacher": _frozen_convnet, "tokenizer": _frozen_tokenizer}
 
 
 def build(name: str, in_channels: int | None = None, image_size: int = 16) -> Method:
@@ -104,6 +125,7 @@ def make_batch(method: Method, batch_size: int = 8, image_size: int = 16) -> Bat
         index=torch.arange(batch_size),
         label=torch.arange(batch_size) % 3,
         images=images,
+        text=[f"caption {i} of {NUM_SAMPLES}" for i in range(batch_size)],  # image-text methods (CLIP)
     )
 
 
@@ -163,6 +185,34 @@ def test_ema_moves_teacher_toward_student(name: str) -> None:
     assert all(a < b for a, b in zip(after, before))
 
 
+@pytest.mark.parametrize("name", [n for n in METHOD_NAMES if build(n).uses_ema])
+def test_ema_teacher_has_no_stochastic_depth(name: str) -> None:
+    """A teacher copies the student's ViT, drop path included; its targets must come from the
+    whole network (the engine keeps teachers in training mode, so eval mode does not help)."""
+    from selfsup.nn.backbones.vit import DropPath
+
+    cls = METHODS.get(name)
+    backbone = BACKBONES.build(
+        "vit_tiny",
+        in_channels=CHANNELS.get(name, 1),
+        image_size=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        drop_path_rate=0.5,
+    )
+    params = inspect.signature(cls).parameters
+    kwargs = {k: v for k, v in SMALL.items() if k in params}
+    kwargs.update({k: FACTS[k] if k != "in_channels" else CHANNELS.get(name, 1) for k in cls.engine_facts})
+    kwargs.update({k: FROZEN[k](CHANNELS.get(name, 1), 16) for k in cls.frozen_models if k in FROZEN})
+    method = cls(backbone=backbone, **kwargs)
+    assert any(m.p > 0 for m in method.backbone.modules() if isinstance(m, DropPath)), "the student keeps it"
+    method.train()  # as the engine does: teachers stay in the method's mode unless it says otherwise
+    for _, teacher in method.ema_pairs():
+        assert not any(m.training and m.p > 0 for m in teacher.modules() if isinstance(m, DropPath)), name
+
+
 def _stashed_tensors(method: Method) -> list[str]:
     """Tensors (or lists of them) held in plain attributes: state outside the state dict."""
     found = []
@@ -191,13 +241,31 @@ def _loop(name: str, seed: int) -> TrainingLoop:
         weight_decay=(0.05, 0.1),
         ema_momentum=(0.9, 0.99),
     )
-    return TrainingLoop(method, optimizer, schedule, views_of(method), torch.device("cpu"), num_samples=64)
+    return TrainingLoop(
+        method,
+        optimizer,
+        schedule,
+        views_of(method),
+        torch.device("cpu"),
+        encode_pretrain=_encode_pretrain,
+        num_samples=NUM_SAMPLES,
+    )
+
+
+def _encode_pretrain(fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """The epoch hook's feature pass (DeepCluster's k-means) over a fixed pretraining set of
+    ``NUM_SAMPLES`` images, as the engine's: normalised, in batches, without grad."""
+    images = smooth_images(NUM_SAMPLES, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return torch.cat([fn((x - 0.5) / 0.25) for x in images.split(64)])
 
 
 def _data(step: int, num_channels: int = 1) -> DataBatch:
     g = torch.Generator().manual_seed(100 + step)
     images = (smooth_images(8, generator=g, channels=num_channels) * 255).to(torch.uint8)
-    return DataBatch(images=images, index=torch.arange(8) + 8 * step, label=torch.arange(8) % 3)
+    index = torch.arange(8) + 8 * step
+    text = [f"caption {i} of {NUM_SAMPLES}" for i in index.tolist()]  # image-text methods (CLIP)
+    return DataBatch(images=images, index=index, label=torch.arange(8) % 3, text=text)
 
 
 def _steps(loop: TrainingLoop, steps: range) -> list[float]:

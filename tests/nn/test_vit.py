@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -10,8 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from selfsup.nn.backbones.vit import Attention, DropPath, VisionTransformer, sincos_pos_embed_2d
+from selfsup.nn.backbones.vit import (
+    Attention,
+    Block,
+    DropPath,
+    VisionTransformer,
+    sincos_pos_embed_2d,
+    without_drop_path,
+)
 from selfsup.nn.masking import mask_to_keep_indices, random_mask
+from selfsup.nn.param_groups import layer_decay_param_groups
 from selfsup.nn.patches import patchify
 from selfsup.registry import BACKBONES
 
@@ -230,3 +239,107 @@ def test_named_configurations(name: str, dim: int, heads: int) -> None:
     assert model.blocks[0].attn.num_heads == heads
     assert model.patch_size == 16 and model.grid_size == (2, 2)
     assert inspect.signature(BACKBONES.get(name)).parameters["depth"].default == 12
+
+
+# ------------------------------------------------------------------------ register tokens
+R = 3  # registers in the tests below (the paper uses 4)
+
+
+def test_registers_are_dropped_from_every_output_shape() -> None:
+    """Darcet et al. 2023: registers are scratch tokens, discarded at the output, so every
+    caller of the token API (MAE, SimMIM, iBOT, dense probes, attention maps) is unchanged."""
+    model = _vit(num_registers=R, use_mask_token=True)
+    assert model.register_tokens is not None and model.register_tokens.shape == (1, R, D)
+    assert "register_tokens" in model.state_dict() and "register_tokens" not in _vit().state_dict()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    every = model.forward_all_tokens(x)
+    tokens = model.forward_tokens(x)
+    assert every.shape == (2, 1 + R + 16, D) and tokens.shape == (2, 17, D)
+    assert torch.equal(tokens[:, 0], every[:, 0]) and torch.equal(tokens[:, 1:], every[:, 1 + R :])
+    assert torch.equal(model(x), tokens[:, 0])
+    avg = _vit(num_registers=R, global_pool="avg")
+    assert torch.allclose(avg(x), avg.forward_all_tokens(x)[:, 1 + R :].mean(dim=1))  # registers not pooled
+    keep = mask_to_keep_indices(random_mask(2, 16, 0.75, torch.Generator().manual_seed(0)))
+    assert model.forward_tokens(x, keep_indices=keep).shape == (2, 5, D)
+    mask = random_mask(2, 16, 0.5, torch.Generator().manual_seed(1))
+    assert model.forward_tokens(x, mask=mask).shape == (2, 17, D)
+    assert model.get_last_self_attention(x).shape == (2, 4, 17, 17)
+    plain = _vit()
+    assert torch.equal(plain.forward_all_tokens(x), plain.forward_tokens(x))  # R = 0: identical
+    with pytest.raises(ValueError, match="num_registers"):
+        _vit(num_registers=-1)
+
+
+def test_registers_carry_no_position_and_are_used_by_the_blocks() -> None:
+    model = _vit(num_registers=R).train()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    assert model.register_tokens is not None
+    sequence = model._embed(x)
+    assert sequence.shape == (2, 1 + R + 16, D)
+    assert torch.equal(sequence[:, 1 : 1 + R], model.register_tokens.expand(2, -1, -1))  # no position added
+    torch.testing.assert_close(sequence[:, 0], (model.cls_token + model.pos_embed[:, :1])[:, 0].expand(2, -1))
+    # The class token attends to the registers: they shape the output and learn from it.
+    model(x).sum().backward()
+    assert model.register_tokens.grad is not None and model.register_tokens.grad.abs().sum() > 0
+    with torch.no_grad():
+        before = model.eval()(x)
+        model.register_tokens.add_(torch.randn_like(model.register_tokens))  # (a constant would vanish in LN)
+        assert not torch.allclose(model(x), before, atol=1e-4)
+
+
+def test_registers_patch_tokens_follow_the_patches_positions() -> None:
+    """Patch tokens of a register ViT at depth 0 are exactly the plain ViT's (same weights)."""
+    plain = _vit(depth=0)
+    model = _vit(depth=0, num_registers=R)
+    model.load_state_dict({**plain.state_dict(), "register_tokens": model.register_tokens}, strict=True)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    assert torch.equal(model.forward_tokens(x), plain.forward_tokens(x))
+
+
+def test_attention_with_registers_leaves_their_rows_and_columns_out() -> None:
+    model = _vit(num_registers=R)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    attn = model.get_last_self_attention(x)
+    # The full attention over 1 + R + L tokens, computed by hand from the last block.
+    tokens = model._embed(x)
+    for block in model.blocks[:-1]:
+        tokens = block(tokens)
+    last = model.blocks[-1]
+    assert isinstance(last, Block)
+    full = last.attn.attention_weights(last.norm1(tokens))
+    keep = [0, *range(1 + R, 1 + R + 16)]
+    torch.testing.assert_close(attn, full[:, :, keep][:, :, :, keep])
+    register_mass = full[:, :, keep][:, :, :, 1 : 1 + R].sum(dim=-1)
+    torch.testing.assert_close(attn.sum(dim=-1), 1 - register_mass)
+    assert torch.all(register_mass > 0)
+
+
+def test_layer_decay_puts_registers_with_the_embeddings_without_weight_decay() -> None:
+    model = _vit(num_registers=R)
+    groups = layer_decay_param_groups(model, nn.Linear(D, 2), layer_decay=0.5)
+    (group,) = [g for g in groups if "encoder.register_tokens" in g["param_names"]]
+    assert group["layer_id"] == 0 and group["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "vit_small", "vit_base"])
+def test_named_configurations_take_registers(name: str) -> None:
+    model = BACKBONES.build(name, in_channels=1, image_size=32, depth=1, num_registers=4)
+    assert model.num_registers == 4 and model.forward_tokens(torch.randn(1, 1, 32, 32)).shape[1] == 5
+
+
+# -------------------------------------------------------------------- drop path in teachers
+def test_without_drop_path_makes_a_training_mode_teacher_deterministic() -> None:
+    student = _vit(drop_path_rate=0.5, depth=3).train()
+    x = torch.randn(4, 3, SIZE, SIZE)
+    assert not torch.equal(student(x), student(x))  # stochastic depth at work
+    teacher = without_drop_path(copy.deepcopy(student)).train()
+    assert all(m.p == 0.0 for m in teacher.modules() if isinstance(m, DropPath))
+    assert torch.equal(teacher(x), teacher(x))
+    torch.testing.assert_close(teacher(x), student.eval()(x))  # the whole network, as in eval mode
+    assert [b.drop_path.p for b in student.blocks] == pytest.approx([0.0, 0.25, 0.5])  # student untouched
+
+
+def test_set_drop_path_rate_rescales_linearly_over_blocks() -> None:
+    model = _vit(depth=3)
+    model.set_drop_path_rate(0.1)
+    assert [b.drop_path.p for b in model.blocks] == pytest.approx([0.0, 0.05, 0.1])

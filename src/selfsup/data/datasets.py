@@ -604,6 +604,28 @@ def _mask_paths(paths: Sequence[str], root: str, masks: str | None, what: str) -
     return [os.path.join(masks, os.path.splitext(os.path.relpath(p, root))[0] + ".png") for p in paths]
 
 
+def _keep_listed(paths: list[str], labels: list[int] | None, list_file: str) -> tuple[list[str], list[int] | None]:
+    """The images of ``paths`` named in ``list_file`` (one path per line, absolute or relative
+    to the list's folder; blank lines and ``#`` comments ignored), e.g. ``selfsup curate``'s
+    ``curated.txt``; the folder's order is kept."""
+    listing = Path(list_file)
+    if not listing.is_file():
+        raise DataError(f"list_file={list_file!r} does not exist or is not a file")
+    lines = [line.strip() for line in listing.read_text().splitlines()]
+    wanted = {os.path.abspath(os.path.join(listing.parent, x)) for x in lines if x and not x.startswith("#")}
+    if not wanted:
+        raise DataError(f"list_file={list_file!r} names no images; give one image path per line")
+    keep = [i for i, path in enumerate(paths) if os.path.abspath(path) in wanted]
+    if len(keep) != len(wanted):
+        found = {os.path.abspath(paths[i]) for i in keep}
+        missing = sorted(wanted - found)
+        raise DataError(
+            f"list_file={list_file!r} names {len(missing)} image(s) that are not under root, such as "
+            f"{missing[0]!r}; list images of root only (or point root at their folder)"
+        )
+    return [paths[i] for i in keep], None if labels is None else [labels[i] for i in keep]
+
+
 @DATASETS.register("image-folder")
 def build_image_folder(
     root: str,
@@ -620,6 +642,7 @@ def build_image_folder(
     train_masks: str | None = None,
     test_masks: str | None = None,
     mask_classes: int | None = None,
+    list_file: str | None = None,
 ) -> DataSplits:
     """Images in folders, labelled by class sub-folder (``root/<class>/**/<img>``) or
     unlabelled (``root/<img>``).
@@ -657,6 +680,9 @@ def build_image_folder(
         mask_classes: number of mask classes; ``None`` scans the masks of the ``train`` and
             ``test`` splits once at build time (after ``limit``; this also checks every mask
             early) and takes the largest id + 1. Give it to skip the scan on big folders.
+        list_file: keep only the images of ``root`` named in this text file (one path per
+            line, absolute or relative to the file's folder), e.g. the ``curated.txt`` that
+            ``selfsup curate`` writes (DINOv2's curated pool).
     """
     if image_size is None:
         raise DataError(
@@ -684,6 +710,8 @@ def build_image_folder(
             raise DataError(f"with masks, both the train and the test images need them: pass {missing[0]}=<folder> too")
 
     root_paths, root_labels, root_classes = scan_image_folder(root, "root")
+    if list_file is not None:
+        root_paths, root_labels = _keep_listed(root_paths, root_labels, list_file)
     if mode == "auto":
         mode = _detect_mode(root_paths)
     if has_masks and root_classes is None and train_root is None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from selfsup.config import Config, ConfigError, check_options
 from selfsup.data import DataError, DataSplits, ImageDataset
+from selfsup.data.captions import has_captions, training_captions
 from selfsup.methods.base import ENGINE_FACTS, Method
 from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEW_RECIPES, RegistryError
 
@@ -110,6 +111,8 @@ def provided_fields(dataset: ImageDataset) -> frozenset[str]:
     """The optional ``Batch`` fields a data set can fill: ``"label"`` when every sample has a
     known label, plus whatever the data set declares in ``batch_fields`` (text, masks)."""
     fields = set(getattr(dataset, "batch_fields", ()))
+    if has_captions(dataset):
+        fields.add("text")
     labels = dataset.labels
     if labels is not None and len(labels) and bool((labels >= 0).all()):
         fields.add("label")
@@ -132,7 +135,8 @@ def load_frozen_backbone(spec: Any, option: str) -> nn.Module:
     ``spec``: a run folder, ``{"run": <run folder>}``, or a ``backbone.safetensors`` file.
     The architecture is rebuilt from the file's metadata (backbone options, input channels,
     image size) and the weights loaded strictly with safetensors (no code runs on load); the
-    module comes back in eval mode with ``requires_grad=False``.
+    module comes back in eval mode with ``requires_grad=False``, its source path in
+    ``loaded_from``.
     """
     if isinstance(spec, Mapping):
         if set(spec) != {"run"}:
@@ -159,8 +163,10 @@ def load_frozen_backbone(spec: Any, option: str) -> nn.Module:
             f"method.{option}: {file} lacks the metadata to rebuild its architecture ({err}); "
             "re-export it with this version of selfsup"
         ) from None
+    state = load_file(str(file))
+    enable_saved_mask_token(module, state)
     try:
-        module.load_state_dict(load_file(str(file)), strict=True)
+        module.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).strip().splitlines()
         what = f"the {meta['method']} encoder" if "embedder" in meta else f"a {meta['backbone']} backbone"
@@ -168,7 +174,19 @@ def load_frozen_backbone(spec: Any, option: str) -> nn.Module:
             f"method.{option}: the weights in {file} do not fit {what}: "
             f"{first[1].strip() if len(first) > 1 else first[0]}"
         ) from None
+    # Where it came from, so a method that rejects it (a BEiT tokenizer of the wrong kind or
+    # grid) can name the run in its error.
+    module.loaded_from = str(path)  # type: ignore[assignment]  # a plain attribute, not a tensor
     return module.requires_grad_(False).eval()
+
+
+def enable_saved_mask_token(module: nn.Module, state: Mapping[str, Any]) -> None:
+    """Create ``module``'s mask token when ``state`` holds one: a ViT trained with a mask token
+    (SimMIM, BEiT, iBOT) saved it with its weights, and the rebuilt backbone only creates it
+    on request, so strict loading can still check every other key."""
+    enable = getattr(module, "enable_mask_token", None)
+    if "mask_token" in state and getattr(module, "mask_token", "absent") is None and callable(enable):
+        enable()
 
 
 def rebuild_encoder(meta: Mapping[str, str], where: str) -> nn.Module:
@@ -225,6 +243,7 @@ def build_method(
         "num_global_crops": lambda: (train_views or build_views(cfg, splits)).num_global_views,
         "mean": lambda: tuple(splits.mean),
         "std": lambda: tuple(splits.std),
+        "captions": lambda: training_captions(splits.pretrain),
     }
     for name in method_cls.frozen_models:
         if name in options:

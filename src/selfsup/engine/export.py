@@ -318,6 +318,9 @@ def _load_weights_into(module: nn.Module, state: dict[str, Tensor], file: Path, 
         if own.shape != state[key].shape or not torch.allclose(own.float(), state[key].float(), atol=1e-6):
             raise ConfigError(f"{file}: {key} differs from the one {what} computes (a different architecture?)")
         del state[key]
+    from selfsup.engine.build import enable_saved_mask_token
+
+    enable_saved_mask_token(module, state)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from selfsup.data.base import DataSplits
     from selfsup.methods.base import Method
 
-__all__ = ["finetune", "finetune_encoder", "top1"]
+__all__ = ["finetune", "finetune_encoder", "finetune_model", "top1"]
 
 
 @torch.no_grad()
@@ -98,6 +98,51 @@ def finetune(
         ``{"finetune_top1": test accuracy in [0, 1], "finetune_train_loss": mean loss of the
         last epoch}``.
     """
+    method, train_loss = finetune_model(
+        encoder,
+        num_features,
+        train_dataset,
+        num_classes,
+        train_views=train_views,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        layer_decay=layer_decay,
+        label_smoothing=label_smoothing,
+        warmup_epochs=warmup_epochs,
+        device=device,
+        seed=seed,
+        precision=precision,
+        clip_grad=clip_grad,
+    )
+    return {
+        "finetune_top1": top1(method, test_dataset, eval_views, torch.device(device), batch_size),
+        "finetune_train_loss": train_loss,
+    }
+
+
+def finetune_model(
+    encoder: nn.Module,
+    num_features: int,
+    train_dataset: ImageDataset,
+    num_classes: int,
+    *,
+    train_views: nn.Module,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    layer_decay: float = 0.75,
+    label_smoothing: float = 0.1,
+    warmup_epochs: float = 1.0,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    precision: str = "fp32",
+    clip_grad: float = 0.0,
+) -> tuple[FineTune, float]:
+    """:func:`finetune`'s training alone: ``(the trained FineTune method, mean loss of the last
+    epoch)``, for callers that keep the classifier (SimCLR v2's distillation teacher)."""
     device = torch.device(device)
     if int(getattr(encoder, "num_features", num_features)) != num_features:
         raise ValueError(f"num_features={num_features} but the encoder gives {encoder.num_features}")
@@ -139,21 +184,18 @@ def finetune(
 
     method.train()
     loop.run(batches(), on_step=record)
-    train_loss = sum(losses) / len(losses) if losses else math.nan
-    return {
-        "finetune_top1": top1(method, test_dataset, eval_views, device, batch_size),
-        "finetune_train_loss": train_loss,
-    }
+    return method, sum(losses) / len(losses) if losses else math.nan
 
 
 def finetune_encoder(method: Method, cfg: Config, splits: DataSplits, from_scratch: bool = False) -> nn.Module:
-    """The encoder to fine-tune: the pretrained ``method.eval_backbone``, or with ``from_scratch``
-    a new backbone of the same configured architecture, initialised from ``cfg.train.seed``
-    (the random-init baseline). Either way on the device of the method's parameters."""
+    """The encoder to fine-tune: the pretrained ``method.embedder()`` (what ``embed`` and
+    ``method.num_features`` describe: ``eval_backbone``, or a method's own encoder such as
+    SimCLR v2's backbone plus the head's first layer), or with ``from_scratch`` the same
+    encoder built untrained, initialised from ``cfg.train.seed`` (the random-init baseline).
+    Either way on the device of the method's parameters."""
     if not from_scratch:
-        return method.eval_backbone
-    from selfsup.engine.build import build_backbone
+        return method.embedder()[0]
+    from selfsup.engine.build import random_init_encoder
 
     device = next(method.parameters()).device
-    torch.manual_seed(cfg.train.seed)
-    return build_backbone(cfg, splits).to(device)
+    return random_init_encoder(cfg, splits, method).to(device)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from selfsup.config import Config, ConfigError, dump_config
 from selfsup.data import DataError
+from selfsup.data.captions import caption_lists, sample_captions
 from selfsup.data.loader import EpochBatchSampler, iterate_batches
 from selfsup.engine import distributed as engine_dist
 from selfsup.engine.build import Components, build_components, random_init_encoder, view_recipe_name
@@ -74,6 +75,8 @@ RUN_FILES = (
     "run_info.json",
     "loss_curve.png",
     "skipped.txt",
+    "tokenizer.json",
+    "retrieval_examples.png",
 )
 
 
@@ -432,11 +435,16 @@ class PretrainRun:
     # ------------------------------------------------------------------ the run
     def _batches(self, step: int) -> Iterator[DataBatch]:
         epoch, offset = divmod(step, self.steps_per_epoch)
+        # Image-text methods get one caption per image, drawn per (seed, epoch, index).
+        captions = caption_lists(self.parts.splits.pretrain) if "text" in self.method.batch_fields else None
         while True:
             for triple in iterate_batches(
                 self.parts.splits.pretrain, self.sampler, epoch, offset, num_workers=self.cfg.train.num_workers
             ):
-                yield DataBatch.from_triple(triple)
+                batch = DataBatch.from_triple(triple)
+                if captions is not None:
+                    batch.text = sample_captions(captions, batch.index, epoch, self.cfg.train.seed)
+                yield batch
             epoch, offset = epoch + 1, 0
 
     def fit(self) -> dict[str, Any]:
@@ -677,6 +685,14 @@ class PretrainRun:
             ).items():
                 rows.setdefault(name, {}).update(metrics)
         if self.dist.is_main:
+            from selfsup.engine.zeroshot import has_text_side, image_text_rows
+
+            if has_text_side(self.method):  # an image-text run: zero-shot top-1 and image<->text recall
+                for name, metrics in image_text_rows(
+                    self.method, cfg, splits, self.parts.eval_views, self.device, self.run_dir
+                ).items():
+                    rows.setdefault(name, {}).update(metrics)
+        if self.dist.is_main:
             table = format_table(rows, f"{splits.name} test set, top-1 (%)")
             (self.run_dir / "results.json").write_text(json.dumps(rows, indent=2))
             (self.run_dir / "results.txt").write_text(table + "\n")
@@ -704,6 +720,9 @@ class PretrainRun:
                 self.cfg.backbone, splits.in_channels, splits.image_size, splits.mean, splits.std, **extra
             ),
         )
+        tokenizer = getattr(self.method, "tokenizer", None)
+        if tokenizer is not None and hasattr(tokenizer, "to_json"):  # an image-text method's vocabulary
+            (self.run_dir / "tokenizer.json").write_text(tokenizer.to_json())
         return path
 
 

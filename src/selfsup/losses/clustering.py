@@ -1,4 +1,4 @@
-"""Clustering losses: SwAV's swapped prediction of Sinkhorn codes."""
+"""Clustering losses: SwAV's swapped prediction of Sinkhorn codes, DeepCluster v2's k-means targets."""
 
 from __future__ import annotations
 
@@ -39,3 +39,28 @@ def swav_loss(scores: Sequence[Tensor], codes: Sequence[Tensor], temperature: fl
             total = total - (q * log_p).sum(dim=1).mean()
             terms += 1
     return total / terms
+
+
+@full_precision
+def deepcluster_loss(scores: Sequence[Tensor], assignments: Tensor, temperature: float = 0.1) -> Tensor:
+    """Compute DeepCluster v2's loss: each view's prototype scores against its image's cluster.
+
+    ``scores[h]`` are the scores ``(V, B, K_h)`` of the ``V`` views of ``B`` images against
+    head ``h``'s ``K_h`` (unit-norm) prototypes; ``assignments`` ``(H, B)`` holds each image's
+    cluster in each head (from the last k-means pass). The loss is the cross-entropy of
+    ``softmax(scores[h] / temperature)`` with the cluster, averaged over views and images,
+    then over the ``H`` heads. Default temperature 0.1 is the paper's.
+
+    References: Caron et al. 2020, "Unsupervised Learning of Visual Features by Contrasting
+    Cluster Assignments" (SwAV; DeepCluster v2 in its Section 4 / Appendix), arXiv:2006.09882;
+    Caron et al. 2018, "Deep Clustering for Unsupervised Learning of Visual Features",
+    arXiv:1807.05520.
+    """
+    if len(scores) != assignments.shape[0] or not scores:
+        raise ValueError(f"need one (V, B, K) score tensor per head: {len(scores)} for {assignments.shape[0]} heads")
+    total = scores[0].new_zeros(())
+    for head, s in enumerate(scores):
+        v, b, k = s.shape
+        targets = assignments[head].expand(v, b).reshape(-1)
+        total = total + torch.nn.functional.cross_entropy(s.reshape(v * b, k) / temperature, targets)
+    return total / len(scores)

@@ -1,5 +1,5 @@
-"""Self-distillation losses: DINO's centred cross-entropy, its centre update, KoLeo, and SEED's
-cross-entropy of similarity distributions over a queue."""
+"""Self-distillation losses: DINO's centred cross-entropy, its centre update, iBOT's masked
+patch cross-entropy, KoLeo, and SEED's cross-entropy of similarity distributions over a queue."""
 
 from __future__ import annotations
 
@@ -58,6 +58,76 @@ def dino_center_update(center: Tensor, teacher_out_cat: Tensor, momentum: float 
     stats = all_reduce_sum(stats)
     batch_center = (stats[:-1] / stats[-1]).reshape(1, -1)
     return momentum * center.reshape(1, -1).to(t.dtype) + (1.0 - momentum) * batch_center
+
+
+@full_precision
+def masked_patch_cross_entropy(student_out: Tensor, targets: Tensor, mask: Tensor, student_temp: float = 0.1) -> Tensor:
+    """Compute iBOT's masked-patch cross-entropy against given teacher distributions.
+
+    ``mask`` `(N, L)` bool (True = masked) covers ``N`` image-views of ``L`` patches;
+    ``student_out`` `(M, K)` holds the student's head outputs at the ``M = mask.sum()``
+    masked positions and ``targets`` `(M, K)` the teacher's distributions there (rows sum to
+    1, detached), both in the row-major order of ``mask`` (``tokens[mask]``). Per image-view
+    ``n`` with ``m_n > 0`` masked patches the loss is ``(1 / m_n) sum_{masked l}
+    -sum_k P_t log softmax(s / student_temp)``; the result is the sum over image-views divided
+    by ``N``: images left unmasked count as 0, as in the iBOT and DINOv2 reference code. With
+    the global views concatenated (each ``B`` images), this is the mean over views of the
+    per-view mean over images.
+
+    References: Zhou et al. 2021, "iBOT: Image BERT Pre-Training with Online Tokenizer",
+    arXiv:2111.07832; Oquab et al. 2023, "DINOv2", arXiv:2304.07193.
+    """
+    if mask.ndim != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be an (N, L) bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+    num_masked = int(mask.sum())
+    if student_out.shape != targets.shape or student_out.ndim != 2 or student_out.shape[0] != num_masked:
+        raise ValueError(
+            f"student_out and targets must be (M, K) with M = mask.sum() = {num_masked}, got "
+            f"{tuple(student_out.shape)} and {tuple(targets.shape)}"
+        )
+    per_patch = -(targets.detach() * F.log_softmax(student_out / student_temp, dim=-1)).sum(dim=-1)
+    # Each masked patch weighs 1 / (masked patches of its image-view).
+    counts = mask.sum(dim=1, keepdim=True).clamp_min(1).to(per_patch.dtype)
+    weights = (1.0 / counts).expand(mask.shape)[mask]
+    return (per_patch * weights).sum() / mask.shape[0]
+
+
+@full_precision
+def ibot_patch_loss(
+    student_out: Tensor,
+    teacher_out: Tensor,
+    mask: Tensor,
+    center: Tensor,
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.07,
+) -> Tensor:
+    """Compute iBOT's masked patch self-distillation loss (MIM with an online tokenizer).
+
+    The student saw the image-views with the ``mask`` `(N, L)` patches (True = masked)
+    replaced by a mask token, the teacher saw them intact. ``student_out`` and
+    ``teacher_out`` `(M, K)` are their patch-head outputs at the ``M = mask.sum()`` masked
+    positions, in the row-major order of ``mask`` (``tokens[mask]``). Targets are the
+    teacher's centred, sharpened ``softmax((t - center) / teacher_temp)`` (detached, with
+    iBOT's separate patch centre ``(1, K)``), and the loss is
+    :func:`masked_patch_cross_entropy`: averaged over the masked patches of each image-view,
+    then over all ``N`` image-views (unmasked ones count as 0). Defaults are the paper's
+    (student 0.1, the final teacher patch temperature 0.07).
+
+    Conventions where lightly's ``IBOTPatchLoss`` differs: lightly is a module that keeps
+    its centre and updates it inside ``forward`` (a side effect), from the masked teacher
+    tokens it was given; here the loss is pure and the patch centre is updated by the caller
+    with :func:`dino_center_update` over every patch (iBOT's ``center2``: the mean of each
+    image's patch outputs). lightly takes the mask as ``(B, H, W)`` and one view per call;
+    here it is ``(N, L)`` over the flattened grid, views concatenated along ``N`` (same
+    row-major selection order, same ``1 / m_n`` weights and division by the number of
+    images, so a single view gives the same value). lightly's default teacher temperature is
+    0.04 (DINOv2's warm-up start), this one iBOT's final 0.07.
+
+    References: Zhou et al. 2021, "iBOT: Image BERT Pre-Training with Online Tokenizer",
+    arXiv:2111.07832 (reference code: github.com/bytedance/ibot).
+    """
+    targets = F.softmax((teacher_out.detach() - center.detach().reshape(1, -1)) / teacher_temp, dim=-1)
+    return masked_patch_cross_entropy(student_out, targets, mask, student_temp)
 
 
 @full_precision
@@ -120,3 +190,27 @@ def seed_loss(
     student_logits = torch.cat([(student * teacher).sum(dim=1, keepdim=True), student @ queue.T], dim=1)
     targets = F.softmax(teacher_logits / teacher_temperature, dim=1)
     return -(targets * F.log_softmax(student_logits / student_temperature, dim=1)).sum(dim=1).mean()
+
+
+@full_precision
+def soft_target_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Compute SimCLR v2's distillation loss between class logits ``(B, K)``.
+
+    ``L = -mean_i sum_y P_T(y | x_i; tau) log P_S(y | x_i; tau)`` with ``P(y | x; tau) =
+    softmax(logits / tau)`` for the teacher (detached: it is fixed) and the student alike
+    (eq. 2 of the paper, without Hinton's ``tau^2`` factor and without the optional
+    labelled-data term). Default ``tau = 1``, which the paper's self-distillation uses.
+
+    References: Chen, Kornblith, Swersky, Norouzi & Hinton 2020, "Big Self-Supervised Models
+    are Strong Semi-Supervised Learners" (SimCLR v2), arXiv:2006.10029; Hinton, Vinyals &
+    Dean 2015, "Distilling the Knowledge in a Neural Network", arXiv:1503.02531.
+    """
+    if student_logits.ndim != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher logits must both be (B, K), got {tuple(student_logits.shape)} "
+            f"and {tuple(teacher_logits.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    targets = F.softmax(teacher_logits.detach() / temperature, dim=1)
+    return -(targets * F.log_softmax(student_logits / temperature, dim=1)).sum(dim=1).mean()

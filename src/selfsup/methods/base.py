@@ -62,7 +62,8 @@ class Batch:
 #: ``engine_facts``: the pretraining set's size, image side and channels, the per-process
 #: batch, the number of classes, the view recipe's number of global crops, and the data set's
 #: normalisation ``mean`` / ``std`` (per-channel tuples; methods that need [0, 1] pixels from
-#: the normalised views or ``embed`` inputs, e.g. colorization, undo it).
+#: the normalised views or ``embed`` inputs, e.g. colorization, undo it), and the pretraining
+#: set's ``captions`` (every caption, image order; image-text methods train a tokenizer on them).
 ENGINE_FACTS = (
     "num_samples",
     "image_size",
@@ -72,6 +73,7 @@ ENGINE_FACTS = (
     "num_global_crops",
     "mean",
     "std",
+    "captions",
 )
 
 #: What ``training_step`` returns: ``"loss"`` (scalar tensor), other scalars (logged), and any

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from selfsup.losses import dino_center_update, koleo_loss, swav_loss
 from selfsup.methods.base import Batch, Method, StepInfo, StepOutputs
 from selfsup.nn.backbones.protocol import feature_dim
+from selfsup.nn.backbones.vit import without_drop_path
 from selfsup.nn.heads import frozen_copy
 from selfsup.nn.multicrop import encode_by_resolution
 from selfsup.nn.sinkhorn import sinkhorn_knopp
@@ -163,7 +164,8 @@ class DINO(Method):
             )
         self.backbone = backbone
         self.head = DINOHead(feature_dim(backbone), out_dim, proj_hidden_dim, proj_dim, head_bn, norm_last_layer)
-        self.teacher_backbone = frozen_copy(backbone)
+        # The teacher's targets come from the whole network: no stochastic depth (iBOT/DINOv2).
+        self.teacher_backbone = without_drop_path(frozen_copy(backbone))
         self.teacher_head = frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.student_temp = student_temp

@@ -37,6 +37,7 @@ from selfsup.losses import info_nce, mochi_info_nce
 from selfsup.methods.base import Batch, Method, StepInfo, StepOutputs
 from selfsup.monitors import feature_std_tensor
 from selfsup.nn.backbones.protocol import feature_dim
+from selfsup.nn.backbones.vit import without_drop_path
 from selfsup.nn.distributed import shuffle_across_processes, unshuffle_across_processes, world_size
 from selfsup.nn.heads import frozen_copy, mlp_head
 from selfsup.nn.memory import FIFOQueue
@@ -156,7 +157,8 @@ class MoCo(Method):
         super().__init__()
         self.backbone = backbone
         self.projector = projector
-        self.teacher_backbone = frozen_copy(backbone)
+        # The teacher's targets come from the whole network: no stochastic depth (iBOT/DINOv2).
+        self.teacher_backbone = without_drop_path(frozen_copy(backbone))
         self.teacher_projector = frozen_copy(self.projector)
         self.temperature = temperature
         self.shuffle_bn_groups = shuffle_bn_groups

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.methods.base import Method
+from selfsup.nn.backbones.vit import without_drop_path
 from selfsup.nn.heads import frozen_copy
 
 __all__ = ["OnlineTargetMethod"]
@@ -32,7 +33,8 @@ class OnlineTargetMethod(Method):
 
     def make_target(self) -> None:
         """Copy ``backbone`` and ``projector`` into the frozen target encoder."""
-        self.teacher_backbone = frozen_copy(self.backbone)
+        # The teacher's targets come from the whole network: no stochastic depth (iBOT/DINOv2).
+        self.teacher_backbone = without_drop_path(frozen_copy(self.backbone))
         self.teacher_projector = frozen_copy(self.projector)
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:

@@ -22,7 +22,7 @@ def layer_decay_param_groups(
     """Parameter groups for fine-tuning with layer-wise lr decay (no decay on norms/biases).
 
     For an encoder with a ``blocks`` list of depth ``n`` (a ViT), layer ids are: 0 for the
-    patch embedding, class/mask tokens and position embeddings, ``i + 1`` for block ``i``,
+    patch embedding, class/mask/register tokens and position embeddings, ``i + 1`` for block ``i``,
     and ``n + 1`` for everything after the blocks (final norm) and the head. Each group's
     ``lr_scale`` is ``layer_decay ** (n + 1 - layer_id)``, so the head trains at the full
     rate and earlier layers ever more slowly. Encoders without ``blocks`` get scale 1
@@ -45,7 +45,7 @@ def layer_decay_param_groups(
     blocks = getattr(encoder, "blocks", None)
     depth = len(blocks) if isinstance(blocks, nn.ModuleList) else 0
     last = depth + 1
-    embeddings = ("patch_embed", "cls_token", "pos_embed", "mask_token")
+    embeddings = ("patch_embed", "cls_token", "pos_embed", "mask_token", "register_tokens")
 
     def layer_id(name: str) -> int:
         if depth == 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from selfsup.nn.distributed import all_reduce_max, all_reduce_sum, world_size
+from selfsup.nn.distributed import all_reduce_max, all_reduce_sum
 
 
 @torch.no_grad()
@@ -23,8 +23,8 @@ def sinkhorn_knopp(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -
     cannot overflow, which leaves the normalised result unchanged; the score range divided
     by ``epsilon`` must stay below about 80 so that no prototype's column underflows to
     zero in float32 (SwAV's scores are cosine similarities: a range of 2 / 0.05 = 40).
-    Every process must call it with the same ``B``. Defaults are the paper's (epsilon
-    0.05, 3 iterations).
+    Processes may hold different numbers of rows (the global count is all-reduced).
+    Defaults are the paper's (epsilon 0.05, 3 iterations).
 
     References: Caron et al. 2020, "Unsupervised Learning of Visual Features by Contrasting
     Cluster Assignments" (SwAV), arXiv:2006.09882; Cuturi 2013, arXiv:1306.0895.
@@ -33,7 +33,8 @@ def sinkhorn_knopp(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -
         raise ValueError(f"scores must be (B, K), got shape {tuple(scores.shape)}")
     dtype = torch.promote_types(scores.dtype, torch.float32)
     s = scores.detach().to(dtype)
-    batch_global = s.shape[0] * world_size()
+    # Rows may differ between processes (e.g. masked patches, DINOv2's iBOT targets): count them.
+    batch_global = int(all_reduce_sum(s.new_tensor(float(s.shape[0]))).item())
     num_prototypes = s.shape[1]
 
     s = s - all_reduce_max(s.max())

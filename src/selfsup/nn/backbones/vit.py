@@ -20,6 +20,7 @@ __all__ = [
     "Block",
     "VisionTransformer",
     "sincos_pos_embed_2d",
+    "without_drop_path",
     "vit_tiny",
     "vit_small",
     "vit_base",
@@ -170,6 +171,25 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+def without_drop_path(module: nn.Module) -> nn.Module:
+    """Switch off every :class:`DropPath` inside ``module`` (in place) and return it.
+
+    For EMA teachers: a teacher is a copy of the student, so it inherits the student's
+    stochastic depth, but its targets must come from the whole network ("drop path rate
+    for student network" only, iBOT/DINOv2 reference code). The engine keeps teachers in
+    training mode with the student (BatchNorm teachers use batch statistics, as in DINO), so
+    the rate itself is set to 0 rather than relying on eval mode. Only the Python attribute
+    ``p`` changes: parameters, buffers and the state dict are untouched.
+
+    References: Zhou et al. 2021, iBOT, arXiv:2111.07832; Oquab et al. 2023, DINOv2,
+    arXiv:2304.07193.
+    """
+    for m in module.modules():
+        if isinstance(m, DropPath):
+            m.p = 0.0
+    return module
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(LN(x))`` then ``x + mlp(LN(x))``, `(B, N, D)`.
 
@@ -202,8 +222,15 @@ class VisionTransformer(nn.Module):
     """ViT encoder: images `(B, C, H, W)` to pooled features `(B, D)` or tokens `(B, 1 + L, D)`.
 
     Patch embedding (stride-``p`` conv) -> add position embeddings -> prepend the class
-    token -> pre-norm blocks -> final LayerNorm. ``L = (H / p) * (W / p)`` patches in
-    row-major order; ``num_features = embed_dim``.
+    token (and ``R`` register tokens after it) -> pre-norm blocks -> final LayerNorm.
+    ``L = (H / p) * (W / p)`` patches in row-major order; ``num_features = embed_dim``.
+
+    Register tokens (``num_registers = R > 0``, Darcet et al. 2023): ``R`` learned tokens
+    without position embedding, inserted after the class token, that the blocks may use as
+    scratch space (instead of hijacking low-information patch tokens, which is what makes
+    attention maps of large ViTs noisy). They are dropped from every output below, so
+    pooling, patch tokens and attention maps keep their shapes and meaning;
+    :meth:`forward_all_tokens` returns them.
 
     Token-level contract (shared by MAE, SimMIM, BEiT, iBOT and DINO-style methods):
 
@@ -223,7 +250,9 @@ class VisionTransformer(nn.Module):
         that never mask carry no parameter without gradient (which DDP rejects).
       - Passing both is an error.
     * ``get_last_self_attention(x) -> (B, heads, 1 + L, 1 + L)``: softmax attention of the
-      last block (for DINO attention maps); row ``0`` is the class token's attention.
+      last block (for DINO attention maps); row ``0`` is the class token's attention. With
+      registers, their rows and columns are left out (the attention is computed over all
+      ``1 + R + L`` tokens, so a row then sums to 1 minus its mass on the registers).
     * Other input sizes than ``image_size`` (multi-crop local views) work: position
       embeddings are recomputed (sin-cos) or bicubically resized (learned) for the new grid
       by :meth:`interpolate_pos_encoding`.
@@ -231,7 +260,8 @@ class VisionTransformer(nn.Module):
       ``num_features``, ``patch_embed`` (freeze it with ``requires_grad_(False)``, as MoCo v3
       does), ``cls_token``, ``pos_embed`` `(1, 1 + L, D)` (a non-persistent buffer for
       sin-cos, a parameter when learned; the class token's slot is zero for sin-cos),
-      ``mask_token`` (`(1, 1, D)` parameter or None), ``blocks`` (ModuleList), ``norm``.
+      ``mask_token`` (`(1, 1, D)` parameter or None), ``num_registers``,
+      ``register_tokens`` (`(1, R, D)` parameter or None), ``blocks`` (ModuleList), ``norm``.
 
     Args:
         in_channels: input channels ``C``.
@@ -246,10 +276,12 @@ class VisionTransformer(nn.Module):
         qkv_bias: bias in the query/key/value projection.
         global_pool: "cls" or "avg" pooling for :meth:`forward`.
         use_mask_token: create the learned ``mask_token`` used by ``forward_tokens(mask=...)``.
+        num_registers: register tokens ``R`` (0: none, the plain ViT; the paper uses 4).
 
     References: Dosovitskiy et al. 2020, ViT, arXiv:2010.11929; He et al. 2021, MAE,
     arXiv:2111.06377 (sin-cos embeddings, keep-index encoding); Xie et al. 2021, SimMIM,
-    arXiv:2111.09886 (mask token).
+    arXiv:2111.09886 (mask token); Darcet, Oquab, Mairal & Bojanowski 2023, "Vision
+    Transformers Need Registers", arXiv:2309.16588 (register tokens).
     """
 
     def __init__(
@@ -266,8 +298,11 @@ class VisionTransformer(nn.Module):
         qkv_bias: bool = True,
         global_pool: str = "cls",
         use_mask_token: bool = False,
+        num_registers: int = 0,
     ) -> None:
         super().__init__()
+        if num_registers < 0:
+            raise ValueError(f"num_registers must be >= 0, got {num_registers}")
         if pos_embed not in _POS_EMBEDS:
             raise ValueError(f"pos_embed must be one of {_POS_EMBEDS}, got {pos_embed!r}")
         if global_pool not in _POOLS:
@@ -288,6 +323,12 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.mask_token: nn.Parameter | None
         self.register_parameter("mask_token", None)
+        self.num_registers = num_registers
+        self.register_tokens: nn.Parameter | None
+        if num_registers:
+            self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, embed_dim))
+        else:  # no parameter at all, so plain ViT checkpoints keep their keys
+            self.register_parameter("register_tokens", None)
         self.pos_embed: Tensor
         if pos_embed == "sincos":
             fixed = sincos_pos_embed_2d(embed_dim, *self.grid_size)
@@ -314,6 +355,8 @@ class VisionTransformer(nn.Module):
         if self.patch_embed.proj.bias is not None:
             nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.cls_token, std=0.02)
+        if self.register_tokens is not None:  # initialised like the class token
+            nn.init.normal_(self.register_tokens, std=0.02)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for m in self.modules():
@@ -336,6 +379,21 @@ class VisionTransformer(nn.Module):
             self.mask_token = nn.Parameter(torch.zeros_like(self.cls_token))
             nn.init.normal_(self.mask_token, std=0.02)
         return self.mask_token
+
+    def set_drop_path_rate(self, rate: float) -> None:
+        """Set stochastic depth as the constructor's ``drop_path_rate`` would: linearly from 0
+        at the first block to ``rate`` at the last (e.g. a method whose paper fixes the
+        student's rate, DINOv2 / iBOT).
+
+        References: Huang et al. 2016, arXiv:1603.09382; Touvron et al. 2020, DeiT,
+        arXiv:2012.12877.
+        """
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
+        rates = torch.linspace(0, rate, len(self.blocks)).tolist() if len(self.blocks) else []
+        for block, r in zip(self.blocks, rates):
+            assert isinstance(block, Block)
+            block.drop_path.p = r  # in place: the module keeps its training/eval mode
 
     def interpolate_pos_encoding(self, grid_h: int, grid_w: int) -> Tensor:
         """Return position embeddings `(1, 1 + grid_h * grid_w, D)` for another patch grid.
@@ -363,7 +421,7 @@ class VisionTransformer(nn.Module):
         return torch.cat([cls_pos, patch_pos], dim=1)
 
     def _embed(self, x: Tensor, keep_indices: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """Return the input sequence `(B, 1 + L', D)` of the first block."""
+        """Return the input sequence `(B, 1 + R + L', D)` of the first block."""
         if keep_indices is not None and mask is not None:
             raise ValueError("pass keep_indices (MAE) or mask (SimMIM/BEiT/iBOT), not both")
         grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
@@ -390,7 +448,29 @@ class VisionTransformer(nn.Module):
             index = keep_indices.to(torch.long).unsqueeze(-1).expand(-1, -1, dim)
             tokens = tokens.gather(1, index)
         cls = (self.cls_token + pos[:, :1]).to(tokens.dtype).expand(b, -1, -1)
-        return torch.cat([cls, tokens], dim=1)
+        if self.register_tokens is None:
+            return torch.cat([cls, tokens], dim=1)
+        # Registers carry no position: they are not image locations.
+        registers = self.register_tokens.to(tokens.dtype).expand(b, -1, -1)
+        return torch.cat([cls, registers, tokens], dim=1)
+
+    def _drop_registers(self, tokens: Tensor) -> Tensor:
+        """`(B, 1 + R + N, ...)` -> `(B, 1 + N, ...)`: the class token and the patch tokens."""
+        if not self.num_registers:
+            return tokens
+        return torch.cat([tokens[:, :1], tokens[:, 1 + self.num_registers :]], dim=1)
+
+    def forward_all_tokens(self, x: Tensor, keep_indices: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """Return every token `(B, 1 + R + L', D)` after the final norm: class token, the
+        ``R`` register tokens, then the patch tokens (as :meth:`forward_tokens`, registers
+        included; identical to it when ``num_registers == 0``).
+
+        References: Darcet et al. 2023, "Vision Transformers Need Registers", arXiv:2309.16588.
+        """
+        tokens = self._embed(x, keep_indices=keep_indices, mask=mask)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)
 
     def forward_tokens(self, x: Tensor, keep_indices: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """Return all tokens `(B, 1 + L', D)` after the final norm, class token first.
@@ -401,15 +481,13 @@ class VisionTransformer(nn.Module):
             mask: `(B, L)` bool, True = replace by ``mask_token`` (SimMIM/BEiT/iBOT), or None.
 
         Returns:
-            `(B, 1 + L_keep, D)` with ``keep_indices``, else `(B, 1 + L, D)`.
+            `(B, 1 + L_keep, D)` with ``keep_indices``, else `(B, 1 + L, D)`; register tokens
+            are left out.
 
         References: He et al. 2021, MAE, arXiv:2111.06377; Xie et al. 2021, SimMIM,
         arXiv:2111.09886.
         """
-        tokens = self._embed(x, keep_indices=keep_indices, mask=mask)
-        for block in self.blocks:
-            tokens = block(tokens)
-        return self.norm(tokens)
+        return self._drop_registers(self.forward_all_tokens(x, keep_indices=keep_indices, mask=mask))
 
     def pool(self, tokens: Tensor) -> Tensor:
         """Pool normed tokens `(B, 1 + L, D)` into features `(B, D)` per ``global_pool``."""
@@ -425,6 +503,7 @@ class VisionTransformer(nn.Module):
         """Return the last block's attention weights `(B, heads, 1 + L, 1 + L)` in float32.
 
         Row ``i`` is the softmax attention of token ``i`` (0 = class token) over all tokens.
+        Register tokens' rows and columns are left out; the softmax ran over them too.
 
         References: Caron et al. 2021, DINO, arXiv:2104.14294 (attention maps).
         """
@@ -435,7 +514,13 @@ class VisionTransformer(nn.Module):
             tokens = block(tokens)
         last = self.blocks[-1]
         assert isinstance(last, Block)
-        return last.attn.attention_weights(last.norm1(tokens))
+        attention = last.attn.attention_weights(last.norm1(tokens))
+        if not self.num_registers:
+            return attention
+        n = attention.shape[-1]
+        keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1 + self.num_registers, n)])
+        keep = keep.to(attention.device)
+        return attention.index_select(2, keep).index_select(3, keep)
 
 
 def _vit(
@@ -451,6 +536,7 @@ def _vit(
     qkv_bias: bool,
     global_pool: str,
     use_mask_token: bool,
+    num_registers: int,
 ) -> VisionTransformer:
     return VisionTransformer(
         in_channels=in_channels,
@@ -465,6 +551,7 @@ def _vit(
         qkv_bias=qkv_bias,
         global_pool=global_pool,
         use_mask_token=use_mask_token,
+        num_registers=num_registers,
     )
 
 
@@ -482,6 +569,7 @@ def vit_tiny(
     qkv_bias: bool = True,
     global_pool: str = "cls",
     use_mask_token: bool = False,
+    num_registers: int = 0,
 ) -> VisionTransformer:
     """Build ViT-Tiny (D=192, 12 blocks, 3 heads); every argument can be overridden.
 
@@ -489,7 +577,7 @@ def vit_tiny(
     """
     return _vit(
         in_channels, image_size, patch_size, embed_dim, depth, num_heads, mlp_ratio,
-        pos_embed, drop_path_rate, qkv_bias, global_pool, use_mask_token,
+        pos_embed, drop_path_rate, qkv_bias, global_pool, use_mask_token, num_registers,
     )  # fmt: skip
 
 
@@ -507,6 +595,7 @@ def vit_small(
     qkv_bias: bool = True,
     global_pool: str = "cls",
     use_mask_token: bool = False,
+    num_registers: int = 0,
 ) -> VisionTransformer:
     """Build ViT-Small (D=384, 12 blocks, 6 heads); every argument can be overridden.
 
@@ -514,7 +603,7 @@ def vit_small(
     """
     return _vit(
         in_channels, image_size, patch_size, embed_dim, depth, num_heads, mlp_ratio,
-        pos_embed, drop_path_rate, qkv_bias, global_pool, use_mask_token,
+        pos_embed, drop_path_rate, qkv_bias, global_pool, use_mask_token, num_registers,
     )  # fmt: skip
 
 
@@ -532,6 +621,7 @@ def vit_base(
     qkv_bias: bool = True,
     global_pool: str = "cls",
     use_mask_token: bool = False,
+    num_registers: int = 0,
 ) -> VisionTransformer:
     """Build ViT-Base (D=768, 12 blocks, 12 heads); every argument can be overridden.
 
@@ -539,5 +629,5 @@ def vit_base(
     """
     return _vit(
         in_channels, image_size, patch_size, embed_dim, depth, num_heads, mlp_ratio,
-        pos_embed, drop_path_rate, qkv_bias, global_pool, use_mask_token,
+        pos_embed, drop_path_rate, qkv_bias, global_pool, use_mask_token, num_registers,
     )  # fmt: skip
