@@ -289,19 +289,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_embed(args: argparse.Namespace) -> int:
-    """``selfsup embed``: features of every image of a folder or data set (resumable)."""
+def _dataset_options(items: list[str]) -> dict[str, Any]:
+    """``key=value`` data set options (values read as YAML) of ``selfsup embed`` / ``curate``."""
     import yaml
 
-    from selfsup.engine.embed import embed
-    from selfsup.engine.run import resolve_device
-
     options = {}
-    for item in args.overrides:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"data set option {item!r} is not key=value (e.g. root=/data/fashion-mnist)")
         options[key] = yaml.safe_load(value)
+    return options
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    """``selfsup embed``: features of every image of a folder or data set (resumable)."""
+    from selfsup.engine.embed import embed
+    from selfsup.engine.run import resolve_device
+
+    options = _dataset_options(args.overrides)
     embed(
         args.run,
         args.source,
@@ -372,17 +378,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 def _cmd_curate(args: argparse.Namespace) -> int:
     """``selfsup curate``: DINOv2's data curation (deduplicate a pool, retrieve for seeds)."""
-    import yaml
-
     from selfsup.engine.curate import curate
     from selfsup.engine.run import resolve_device
 
-    options = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"data set option {item!r} is not key=value (e.g. root=/data/fashion-mnist)")
-        options[key] = yaml.safe_load(value)
+    options = _dataset_options(args.overrides)
     curate(
         args.run,
         args.pool,

@@ -28,12 +28,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from selfsup.config import OptimConfig
-from selfsup.data.loader import EpochBatchSampler, iterate_batches
+from selfsup.data.loader import iterate_batches
 from selfsup.engine.build import build_backbone, build_views, random_init_encoder
-from selfsup.engine.finetune import finetune_encoder, finetune_model, top1
-from selfsup.engine.loop import DataBatch, LoopSchedule, TrainingLoop
-from selfsup.engine.optim import build_optimizer
+from selfsup.engine.finetune import adamw_epoch_loop, finetune_encoder, finetune_model, finetune_recipe, top1
+from selfsup.engine.loop import DataBatch
 from selfsup.engine.protocols import encoder_row_names, semi_supervised_splits
 from selfsup.eval.semi_supervised import fraction_name
 from selfsup.losses import soft_target_distillation_loss
@@ -111,18 +109,18 @@ def distill_student(
     torch.manual_seed(seed)
     student = FineTune(student_encoder, num_classes, label_smoothing=0.0, layer_decay=1.0)
     method = SoftTargetDistillation(student, teacher, temperature).to(device)
-    optimizer = build_optimizer(method.param_groups(), OptimConfig(name="adamw", weight_decay=weight_decay), lr)
-    sampler = EpochBatchSampler(len(unlabelled), min(batch_size, len(unlabelled)), seed=seed)
-    steps_per_epoch = len(sampler)
-    schedule = LoopSchedule(
-        total_steps=epochs * steps_per_epoch,
-        steps_per_epoch=steps_per_epoch,
-        peak_lr=lr,
-        warmup_steps=int(round(warmup_epochs * steps_per_epoch)),
-        weight_decay=(weight_decay, weight_decay),
-    )
-    loop = TrainingLoop(
-        method, optimizer, schedule, train_views, device, precision=precision, num_samples=len(unlabelled)
+    loop, sampler = adamw_epoch_loop(
+        method,
+        len(unlabelled),
+        train_views,
+        device,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        seed=seed,
+        precision=precision,
     )
 
     def batches() -> Iterator[DataBatch]:
@@ -191,46 +189,19 @@ def distill_rows(
     for fraction, indices in subsets.items():
         key = f"semi_top1@{fraction_name(fraction)}"
         labelled = splits.train.subset(indices)
-        scratch, _ = finetune_model(
-            finetune_encoder(method, cfg, splits, from_scratch=True),
-            method.num_features,
-            labelled,
-            splits.num_classes,
-            train_views=train_views,
-            epochs=e.finetune_epochs,
-            batch_size=e.finetune_batch_size,
-            lr=e.finetune_lr,
-            weight_decay=e.finetune_weight_decay,
-            layer_decay=e.finetune_layer_decay,
-            label_smoothing=e.finetune_label_smoothing,
-            warmup_epochs=e.finetune_warmup_epochs,
-            device=device,
-            seed=cfg.train.seed,
-            precision=cfg.train.precision,
-        )
-        rows.setdefault(f"supervised from scratch ({backbone})", {})[key] = top1(
-            scratch, splits.test, eval_views, device, e.finetune_batch_size
-        )
-        teacher, _ = finetune_model(
-            finetune_encoder(method, cfg, splits),
-            method.num_features,
-            labelled,
-            splits.num_classes,
-            train_views=train_views,
-            epochs=e.finetune_epochs,
-            batch_size=e.finetune_batch_size,
-            lr=e.finetune_lr,
-            weight_decay=e.finetune_weight_decay,
-            layer_decay=e.finetune_layer_decay,
-            label_smoothing=e.finetune_label_smoothing,
-            warmup_epochs=e.finetune_warmup_epochs,
-            device=device,
-            seed=cfg.train.seed,
-            precision=cfg.train.precision,
-        )
-        rows.setdefault(f"{run_row} fine-tuned", {})[key] = top1(
-            teacher, splits.test, eval_views, device, e.finetune_batch_size
-        )
+        # The random-init baseline, then the pretrained encoder fine-tuned: the teacher.
+        for row, from_scratch in ((f"supervised from scratch ({backbone})", True), (f"{run_row} fine-tuned", False)):
+            model, _ = finetune_model(
+                finetune_encoder(method, cfg, splits, from_scratch=from_scratch),
+                method.num_features,
+                labelled,
+                splits.num_classes,
+                train_views=train_views,
+                device=device,
+                **finetune_recipe(cfg),
+            )
+            rows.setdefault(row, {})[key] = top1(model, splits.test, eval_views, device, e.finetune_batch_size)
+        teacher = model
         encoder, student_name = _student_encoder(method, cfg, splits, student_backbone)
         feature_dim(encoder)  # a backbone without num_features fails here, before training
         student = distill_student(

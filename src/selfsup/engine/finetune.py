@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 from torch import nn
@@ -33,7 +33,88 @@ if TYPE_CHECKING:
     from selfsup.data.base import DataSplits
     from selfsup.methods.base import Method
 
-__all__ = ["finetune", "finetune_encoder", "finetune_model", "top1"]
+__all__ = [
+    "FinetuneRecipe",
+    "adamw_epoch_loop",
+    "finetune",
+    "finetune_encoder",
+    "finetune_model",
+    "finetune_recipe",
+    "top1",
+]
+
+
+class FinetuneRecipe(TypedDict):
+    """The ``eval.finetune_*`` recipe of a config, as keyword arguments of :func:`finetune`
+    and :func:`finetune_model` (see :func:`finetune_recipe`)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    layer_decay: float
+    label_smoothing: float
+    warmup_epochs: float
+    seed: int
+    precision: str
+
+
+def finetune_recipe(cfg: Config) -> FinetuneRecipe:
+    """The ``eval.finetune_*`` recipe of ``cfg`` (seeded by ``train.seed``, at
+    ``train.precision``), to pass on as ``**finetune_recipe(cfg)``."""
+    e = cfg.eval
+    return FinetuneRecipe(
+        epochs=e.finetune_epochs,
+        batch_size=e.finetune_batch_size,
+        lr=e.finetune_lr,
+        weight_decay=e.finetune_weight_decay,
+        layer_decay=e.finetune_layer_decay,
+        label_smoothing=e.finetune_label_smoothing,
+        warmup_epochs=e.finetune_warmup_epochs,
+        seed=cfg.train.seed,
+        precision=cfg.train.precision,
+    )
+
+
+def adamw_epoch_loop(
+    method: Method,
+    num_samples: int,
+    train_views: nn.Module,
+    device: torch.device,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    warmup_epochs: float,
+    seed: int,
+    precision: str,
+    clip_grad: float = 0.0,
+) -> tuple[TrainingLoop, EpochBatchSampler]:
+    """The shared loop for ``epochs`` over ``num_samples`` samples: AdamW at a constant
+    ``weight_decay``, linear warm-up then cosine decay from ``lr`` (used as given), and the
+    seeded batch sampler the caller iterates; ``(loop, sampler)``."""
+    optimizer = build_optimizer(method.param_groups(), OptimConfig(name="adamw", weight_decay=weight_decay), lr)
+    sampler = EpochBatchSampler(num_samples, min(batch_size, num_samples), seed=seed)
+    steps_per_epoch = len(sampler)
+    schedule = LoopSchedule(
+        total_steps=epochs * steps_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        peak_lr=lr,
+        warmup_steps=int(round(warmup_epochs * steps_per_epoch)),
+        weight_decay=(weight_decay, weight_decay),
+    )
+    loop = TrainingLoop(
+        method,
+        optimizer,
+        schedule,
+        train_views,
+        device,
+        precision=precision,
+        clip_grad=clip_grad,
+        num_samples=num_samples,
+    )
+    return loop, sampler
 
 
 @torch.no_grad()
@@ -148,26 +229,21 @@ def finetune_model(
         raise ValueError(f"num_features={num_features} but the encoder gives {encoder.num_features}")
     torch.manual_seed(seed)
     method = FineTune(copy.deepcopy(encoder), num_classes, label_smoothing, layer_decay).to(device)
-    optimizer = build_optimizer(method.param_groups(), OptimConfig(name="adamw", weight_decay=weight_decay), lr)
-    sampler = EpochBatchSampler(len(train_dataset), min(batch_size, len(train_dataset)), seed=seed)
-    steps_per_epoch = len(sampler)
-    schedule = LoopSchedule(
-        total_steps=epochs * steps_per_epoch,
-        steps_per_epoch=steps_per_epoch,
-        peak_lr=lr,
-        warmup_steps=int(round(warmup_epochs * steps_per_epoch)),
-        weight_decay=(weight_decay, weight_decay),
-    )
-    loop = TrainingLoop(
+    loop, sampler = adamw_epoch_loop(
         method,
-        optimizer,
-        schedule,
+        len(train_dataset),
         train_views,
         device,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        seed=seed,
         precision=precision,
         clip_grad=clip_grad,
-        num_samples=len(train_dataset),
     )
+    steps_per_epoch = len(sampler)
 
     def batches() -> Iterator[DataBatch]:
         for epoch in range(epochs):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from selfsup.config import ConfigError
 from selfsup.engine.build import build_views, random_init_encoder
 from selfsup.engine.evaluation import HOGFeatures, encode, eval_mode, frozen_protocol_metrics
-from selfsup.engine.finetune import finetune, finetune_encoder
+from selfsup.engine.finetune import finetune, finetune_encoder, finetune_recipe
 from selfsup.eval.semi_supervised import fraction_name, semi_supervised_subsets
 
 if TYPE_CHECKING:
@@ -103,7 +103,6 @@ def finetune_from_config(
 ) -> dict[str, float]:
     """:func:`~selfsup.engine.finetune.finetune` with the ``eval.finetune_*`` recipe of ``cfg``
     on ``train`` (a labelled subset or the whole training split), tested on the test split."""
-    e = cfg.eval
     return finetune(
         encoder,
         num_features,
@@ -112,16 +111,8 @@ def finetune_from_config(
         splits.num_classes,
         train_views=build_views(cfg, splits, "single_view").to(device),
         eval_views=eval_views,
-        epochs=e.finetune_epochs,
-        batch_size=e.finetune_batch_size,
-        lr=e.finetune_lr,
-        weight_decay=e.finetune_weight_decay,
-        layer_decay=e.finetune_layer_decay,
-        label_smoothing=e.finetune_label_smoothing,
-        warmup_epochs=e.finetune_warmup_epochs,
         device=device,
-        seed=cfg.train.seed,
-        precision=cfg.train.precision,
+        **finetune_recipe(cfg),
     )
 
 

@@ -36,7 +36,7 @@ from selfsup.methods.base import Batch, Method, StepInfo, check_token_backbone
 from selfsup.nn.backbones.protocol import as_token_backbone
 from selfsup.nn.backbones.vit import Block, Mlp, sincos_pos_embed_2d
 from selfsup.nn.masking import block_mask, mask_to_keep_indices
-from selfsup.nn.patches import patchify, unpatchify
+from selfsup.nn.patches import masked_reconstruction, patchify
 from selfsup.registry import METHODS
 
 
@@ -237,20 +237,13 @@ class CAE(Method):
     @torch.no_grad()
     def reconstruct(self, images: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Return ``(masked_input, reconstruction)``, both `(B, C, H, W)`, for visualisation
-        (as ``MAE.reconstruct``: masked patches blanked / predicted, the prediction mapped back
-        with the true patch's mean and variance when ``norm_pix_loss``)."""
-        b, c, h, w = images.shape
+        (:func:`~selfsup.nn.patches.masked_reconstruction`, as ``MAE.reconstruct``: masked
+        patches blanked / predicted, the prediction mapped back with the true patch's mean and
+        variance when ``norm_pix_loss``)."""
         if mask is None:
-            mask = self.sample_mask(b, images.device)
+            mask = self.sample_mask(images.shape[0], images.device)
         target = patchify(images, self.patch_size)
-        pred = self.forward_latents(images, mask)[0].to(target.dtype)
+        pred = self.forward_latents(images, mask)[0].to(target.dtype)  # masked patches only
         masked_idx = mask_to_keep_indices(~mask).unsqueeze(-1).expand(-1, -1, target.shape[-1])
-        if self.norm_pix_loss:
-            true = target.gather(1, masked_idx)
-            mean = true.mean(dim=-1, keepdim=True)
-            std = (true.var(dim=-1, keepdim=True) + 1e-6).sqrt()
-            pred = pred * std + mean
-        recon = target.scatter(1, masked_idx, pred)
-        m = mask.unsqueeze(-1)
-        masked_input = unpatchify(target.masked_fill(m, 0.0), self.patch_size, c, h, w)
-        return masked_input, unpatchify(recon, self.patch_size, c, h, w)
+        pred = target.scatter(1, masked_idx, pred)  # every patch, as masked_reconstruction wants
+        return masked_reconstruction(images, pred, mask, self.patch_size, self.norm_pix_loss)

@@ -27,7 +27,7 @@ from selfsup.methods.base import Batch, Method, StepInfo, check_token_backbone
 from selfsup.nn.backbones.protocol import as_token_backbone
 from selfsup.nn.backbones.vit import Block, sincos_pos_embed_2d
 from selfsup.nn.masking import fill_masked_tokens, mask_to_keep_indices, random_mask
-from selfsup.nn.patches import patchify, unpatchify
+from selfsup.nn.patches import masked_reconstruction, patchify
 from selfsup.registry import METHODS
 
 
@@ -163,24 +163,10 @@ class MAE(Method):
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Return ``(masked_input, reconstruction)``, both `(B, C, H, W)`, for visualisation.
-
-        ``masked_input`` is the input with masked patches set to 0 (the normalised mean);
-        ``reconstruction`` shows the prediction on masked patches and the input on visible
-        ones, as in the paper's figures. With ``norm_pix_loss`` the prediction lives in
-        per-patch standardised units and is mapped back with the true patch's mean and
-        variance, so the figure shows structure, not recovered brightness.
-        """
-        b, c, h, w = images.shape
+        """Return ``(masked_input, reconstruction)``, both `(B, C, H, W)`, for visualisation
+        (:func:`~selfsup.nn.patches.masked_reconstruction`: masked patches blanked / predicted,
+        as in the paper's figures; with ``norm_pix_loss`` the prediction is mapped back with
+        the true patch's mean and variance)."""
         if mask is None:
-            mask = self.sample_mask(b, images.device)
-        target = patchify(images, self.patch_size)
-        pred = self.predict(images, mask).to(target.dtype)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
-            pred = pred * std + mean
-        m = mask.unsqueeze(-1)
-        masked_input = unpatchify(target.masked_fill(m, 0.0), self.patch_size, c, h, w)
-        reconstruction = unpatchify(torch.where(m, pred, target), self.patch_size, c, h, w)
-        return masked_input, reconstruction
+            mask = self.sample_mask(images.shape[0], images.device)
+        return masked_reconstruction(images, self.predict(images, mask), mask, self.patch_size, self.norm_pix_loss)

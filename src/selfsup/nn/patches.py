@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
-__all__ = ["patchify", "unpatchify"]
+__all__ = ["masked_reconstruction", "patchify", "unpatchify"]
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
@@ -111,3 +112,36 @@ def unpatchify(
     x = patches.reshape(b, gh, gw, patch_size, patch_size, channels)
     x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, gh, p, gw, p)
     return x.reshape(b, channels, gh * patch_size, gw * patch_size)
+
+
+def masked_reconstruction(
+    images: Tensor, pred: Tensor, mask: Tensor, patch_size: int, norm_pix: bool
+) -> tuple[Tensor, Tensor]:
+    """``(masked_input, reconstruction)``, both `(B, C, H, W)`: a masked-image model's figure.
+
+    ``masked_input`` is ``images`` with the masked patches set to 0 (the normalised mean);
+    ``reconstruction`` shows the prediction on masked patches and the input on visible ones,
+    as in MAE's figures. With ``norm_pix`` the prediction lives in per-patch standardised
+    units and is mapped back with the true patch's mean and variance, so the figure shows
+    structure, not recovered brightness.
+
+    Args:
+        images: `(B, C, H, W)` input.
+        pred: `(B, L, p*p*C)` pixel predictions of every patch (only the masked ones are shown).
+        mask: `(B, L)` bool, True = masked.
+        patch_size: side ``p`` of the square patches.
+        norm_pix: ``pred`` regresses per-patch standardised pixels.
+
+    References: He et al. 2021, MAE, arXiv:2111.06377, fig. 2 and sec. 4 ("normalized pixels").
+    """
+    b, c, h, w = images.shape
+    target = patchify(images, patch_size)
+    pred = pred.to(target.dtype)
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+        pred = pred * std + mean
+    m = mask.unsqueeze(-1)
+    masked_input = unpatchify(target.masked_fill(m, 0.0), patch_size, c, h, w)
+    reconstruction = unpatchify(torch.where(m, pred, target), patch_size, c, h, w)
+    return masked_input, reconstruction
