@@ -316,7 +316,8 @@ def _labels(runs: Sequence[RunRecord], section: str) -> dict[str, str]:
             keys += [k for k in options if k != "name" and k not in keys]
         differing = [k for k in keys if len({_canonical({"v": o.get(k)}) for o in variants}) > 1]
         for options in variants:
-            shown = ", ".join(f"{k}={json.dumps(options.get(k), default=str)}" for k in differing)
+            # A key the run's config lacks (a run from before the option existed) is not shown.
+            shown = ", ".join(f"{k}={json.dumps(options[k], default=str)}" for k in differing if k in options)
             labels[_canonical(options)] = f"{name} ({shown})" if shown else name
     return labels
 
