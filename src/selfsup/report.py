@@ -1,8 +1,8 @@
 """Result tables generated from run folders, so that no number in the docs is typed by hand.
 
     selfsup report runs/simclr-fashion-mnist runs/byol-fashion-mnist
-    selfsup report docs/runs/* --update README.md --marker fashion-mnist
-    python -m selfsup.report docs/runs/* --update README.md --marker fashion-mnist
+    selfsup report docs/runs/*fashion-mnist* --update docs/results.md --marker fashion-mnist
+    python -m selfsup.report docs/runs/*fashion-mnist* --update docs/results.md --marker fashion-mnist
 
 A run folder is what ``selfsup pretrain`` writes. The report reads three of its files:
 
