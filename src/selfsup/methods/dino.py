@@ -231,9 +231,7 @@ class DINO(Method):
         """The teacher's target distributions ``(N, K)`` for its global-crop outputs ``(N, K)``:
         ``softmax((t - C) / tau_t)`` (DINO) or Sinkhorn-Knopp codes of ``t / tau_t`` over the
         global batch (DINOv2); rows sum to 1."""
-        if self.centering == "sinkhorn":
-            return sinkhorn_knopp(teacher_out, epsilon=teacher_temp, iterations=self.sinkhorn_iterations)
-        return F.softmax((teacher_out - self.center) / teacher_temp, dim=-1)
+        return teacher_distributions(teacher_out, self.center, teacher_temp, self.centering, self.sinkhorn_iterations)
 
     def on_after_backward(self, step: StepInfo) -> None:
         # "Typically [keeping the output layer fixed] during the first epoch helps training"
@@ -247,6 +245,19 @@ class DINO(Method):
     def on_step_end(self, step: StepInfo, outputs: StepOutputs) -> None:
         if "teacher_logits" in outputs:
             self.center.copy_(dino_center_update(self.center, outputs["teacher_logits"], self.center_momentum))
+
+
+@torch.no_grad()
+def teacher_distributions(
+    teacher_out: Tensor, center: Tensor, temp: float, centering: str, sinkhorn_iterations: int
+) -> Tensor:
+    """Teacher distributions ``(N, K)`` of outputs ``(N, K)``: ``softmax((t - C) / temp)``
+    (DINO's EMA centre ``C``) or, with ``centering="sinkhorn"``, Sinkhorn-Knopp codes of
+    ``t / temp`` over the (global) rows (DINOv2); each row sums to 1. Shared by DINO's class
+    token and iBOT/DINOv2's class and patch tokens (an empty row set skips Sinkhorn)."""
+    if centering == "sinkhorn" and teacher_out.shape[0] > 0:
+        return sinkhorn_knopp(teacher_out, epsilon=temp, iterations=sinkhorn_iterations)
+    return F.softmax((teacher_out - center) / temp, dim=-1)
 
 
 def _entropy(p: Tensor) -> Tensor:

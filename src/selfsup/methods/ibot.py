@@ -31,18 +31,16 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from selfsup.losses import dino_center_update, koleo_loss, masked_patch_cross_entropy, swav_loss
 from selfsup.methods.base import Batch, Method, StepInfo, StepOutputs, check_token_backbone
-from selfsup.methods.dino import DINOHead, _entropy
+from selfsup.methods.dino import DINOHead, _entropy, teacher_distributions
 from selfsup.nn.backbones.protocol import as_token_backbone, feature_dim
 from selfsup.nn.backbones.vit import without_drop_path
 from selfsup.nn.heads import frozen_copy
 from selfsup.nn.masking import block_mask
 from selfsup.nn.multicrop import encode_by_resolution
 from selfsup.nn.param_groups import layer_decay_param_groups
-from selfsup.nn.sinkhorn import sinkhorn_knopp
 from selfsup.registry import METHODS
 from selfsup.schedules import WarmupThenConstant
 
@@ -253,9 +251,7 @@ class IBOT(Method):
     def targets(self, teacher_out: Tensor, center: Tensor, temp: float) -> Tensor:
         """Teacher distributions `(N, K)` of outputs `(N, K)`: ``softmax((t - C) / temp)`` or
         Sinkhorn-Knopp codes over the (global) rows; each row sums to 1."""
-        if self.centering == "sinkhorn" and teacher_out.shape[0] > 0:
-            return sinkhorn_knopp(teacher_out, epsilon=temp, iterations=self.sinkhorn_iterations)
-        return F.softmax((teacher_out - center) / temp, dim=-1)
+        return teacher_distributions(teacher_out, center, temp, self.centering, self.sinkhorn_iterations)
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
         views, g = batch.views, self.num_global_crops
