@@ -136,6 +136,12 @@ def _empty(tmp: Path) -> Path:
     return tmp / "empty"
 
 
+def _bad_pack(tmp: Path) -> Path:
+    (tmp / "pack").mkdir()
+    (tmp / "pack" / "manifest.json").write_text('{"format": "selfsup-packed", "version": 1')
+    return tmp / "pack"
+
+
 def _evil(tmp: Path) -> Path:
     class Exploit:
         def __reduce__(self):  # type: ignore[no-untyped-def]
@@ -232,6 +238,12 @@ CASES = [
         ),
         3,
     ),
+    Fault(
+        "data.name=packed on a folder without manifest.json",
+        lambda t, r: tiny(t, "data.name=packed", f"data.root={_empty(t)}"),
+        3,
+    ),
+    Fault("data verify <a pack with a damaged manifest.json>", lambda t, r: ["data", "verify", str(_bad_pack(t))], 3),
     Fault("resume <a run folder that does not exist>", lambda t, r: ["resume", str(t / "nowhere")], 4),
     Fault("eval knn <a checkpoint that does not exist>", lambda t, r: ["eval", "knn", str(t / "last.pt")], 4),
     Fault("eval knn <a crafted pickle that would run code>", lambda t, r: ["eval", "knn", str(_evil(t))], 4),

@@ -13,6 +13,7 @@ selfsup list methods
 selfsup export runs/simclr-... --format onnx              # also safetensors, torchscript
 selfsup embed runs/simclr-... photos/ -o features/         # features.npy + paths.txt
 selfsup curate runs/dino-... pool/ seeds/ -o curated/      # curated.txt for data.list_file
+selfsup data pack photos/ packed/ --size 64                # uint8 shards for data.name=packed
 selfsup distill runs/simclr-... --student-backbone '{name: convnet, width: 16}'  # SimCLR v2
 selfsup visualize attention runs/dino-... --images 0 1 2
 
@@ -402,6 +403,26 @@ def _cmd_curate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    """``selfsup data pack | verify``: decode a data set once into memory-mapped shards."""
+    from selfsup.data.packed import pack, source_splits, verify_pack
+
+    if args.action == "verify":
+        print(f"{args.source}: {verify_pack(args.source)} images, every shard's checksum matches")
+        return 0
+    if args.output is None:
+        raise ConfigError("selfsup data pack needs SOURCE and OUT (the folder to write the shards to)")
+    splits = source_splits(args.source, _dataset_options(args.overrides), args.size)
+    manifest = pack(splits, args.output, args.shard_size, args.batch_size, args.workers, source=args.source)
+    counts = ", ".join(f"{name}={group['count']}" for name, group in manifest["groups"].items())
+    skipped = f", {manifest['skipped']} unreadable skipped" if manifest["skipped"] else ""
+    print(
+        f"packed {splits.summary()} into {args.output} ({counts}{skipped}); train on it with data.name=packed "
+        f"data.root={args.output}"
+    )
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEW_RECIPES
 
@@ -511,6 +532,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes (folders)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index>")
     p.set_defaults(func=_cmd_curate)
+
+    p = sub.add_parser("data", help="pack a folder or data set into memory-mapped uint8 shards (data.name=packed)")
+    p.add_argument("action", choices=["pack", "verify"], help="pack SOURCE OUT, or verify the checksums of OUT")
+    p.add_argument("source", help="pack: a folder of images or a registered data set name; verify: the pack")
+    p.add_argument("output", nargs="?", help="pack: the new folder of shards")
+    p.add_argument("overrides", nargs="*", help="data set options key=value, e.g. mode=L test_root=/data/val")
+    p.add_argument("--size", type=int, help="image side after resize + center crop (image folders: 64)")
+    p.add_argument("--shard-size", type=int, default=50_000, help="images per shard file (default 50000)")
+    p.add_argument("--batch-size", type=int, default=256, help="images decoded per batch")
+    p.add_argument("--workers", type=int, help="decoding processes (default: min(4, cores - 1))")
+    p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("list", help="list registered components")
     p.add_argument("what", choices=["methods", "backbones", "datasets", "views", "configs"])

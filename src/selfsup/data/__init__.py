@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from selfsup.config import check_options
-from selfsup.data import captions, datasets, scenes  # noqa: F401  (register the builders)
+from selfsup.data import captions, datasets, packed, scenes  # noqa: F401  (register the builders)
 from selfsup.data.base import (
     BatchTriple,
     DataError,

@@ -17,10 +17,13 @@ center-crop; ``None`` keeps the native size where the images are all the same si
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import logging
 import os
 import pickle
 import struct
+import time
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -251,25 +254,150 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk_images(folder: Path) -> list[str]:
-    """All image files under ``folder`` (recursively, following links), sorted."""
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+#: Index files are written only for folders of at least this many images: smaller ones scan
+#: in milliseconds, and caching them would litter the cache with every temporary folder.
+INDEX_CACHE_MIN_FILES = 1000
+#: A folder modified this recently before its index was built may have changed within the
+#: file system's time-stamp granularity (up to 2 s on FAT); such an index is not trusted.
+_RACY_NS = 2_000_000_000
+_INDEX_VERSION = 1
+
+
+def _walk_images(folder: str, rel: str, dirs: dict[str, int], seen: set[tuple[int, int]]) -> list[str]:
+    """Image files under ``folder`` (recursively, following links), as paths relative to
+    the scanned root (``rel`` is ``folder``'s), in ``os.walk`` order: a folder's files
+    sorted, then each sub-folder's, sorted. Records every folder's ``st_mtime_ns`` in
+    ``dirs`` (``rel`` -> ns); a folder reached twice through links is walked once.
+
+    One ``os.scandir`` per folder and no ``stat`` per file: the directory entries' types
+    tell files from folders, so a million files index in seconds.
+    """
+    files: list[str] = []
+    subdirs: list[str] = []
+    try:
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:  # a link cycle, or a folder linked twice
+            return []
+        seen.add((info.st_dev, info.st_ino))
+        dirs[rel] = info.st_mtime_ns
+        with os.scandir(folder) as it:
+            for entry in it:
+                name = entry.name
+                if name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    subdirs.append(name)
+                elif name.lower().endswith(IMAGE_EXTENSIONS):
+                    files.append(name)
+    except OSError as err:  # skipped like os.walk does; -1 keeps a cached index from hiding it
+        logger.warning("cannot list %s (%s); skipping its images", folder, err)
+        dirs[rel] = -1
+        return []
+    prefix = rel + "/" if rel else ""
+    found = [prefix + name for name in sorted(files)]
+    for name in sorted(subdirs):
+        found.extend(_walk_images(os.path.join(folder, name), prefix + name, dirs, seen))
     return found
 
 
-def scan_image_folder(root: str | Path, what: str = "root") -> tuple[list[str], list[int] | None, list[str] | None]:
+def index_cache_dir(index_cache: str | None = "auto") -> Path | None:
+    """Folder of the image-folder index files: ``index_cache`` itself, or for ``"auto"``
+    ``$SELFSUP_CACHE_DIR``, else ``$XDG_CACHE_HOME/selfsup``, else ``~/.cache/selfsup``
+    (never the data folder, which may be read-only); ``None`` = no caching."""
+    if index_cache is None:
+        return None
+    if index_cache != "auto":
+        return Path(index_cache).expanduser()
+    if os.environ.get("SELFSUP_CACHE_DIR"):
+        return Path(os.environ["SELFSUP_CACHE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "selfsup"
+
+
+def _index_file(base: Path, cache: Path) -> tuple[Path, str]:
+    """The index file of folder ``base`` under ``cache`` and the folder's resolved path."""
+    real = os.path.realpath(base)
+    digest = hashlib.sha1(real.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    return cache / "index" / f"{digest}.json", real
+
+
+def _read_index(file: Path, real: str) -> dict | None:
+    """The cached scan of folder ``real``, or ``None`` when there is none or it is stale: a
+    folder (the root, a class folder or one below) was added, removed or modified since."""
+    try:
+        data = json.loads(file.read_text())
+        if data.get("version") != _INDEX_VERSION or data.get("root") != real:
+            return None
+        built = int(data["built_ns"])
+        for rel, mtime in data["dirs"].items():
+            if mtime >= built - _RACY_NS or os.stat(os.path.join(real, rel)).st_mtime_ns != mtime:
+                return None
+        return data
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # missing, unreadable or from another version: scan again
+
+
+def _write_index(file: Path, data: dict) -> None:
+    """Writes the index atomically (a concurrent reader sees the old or the new file);
+    a cache that cannot be written is only a slower next start."""
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, separators=(",", ":")))
+        os.replace(tmp, file)
+    except OSError as err:
+        logger.debug("cannot write the image index %s: %s", file, err)
+
+
+def _scan_folder(base: Path, cache: Path | None) -> dict:
+    """The raw scan of ``base``: ``{"loose": [names], "classes": [[name, [relative paths]]]}``
+    (class folders in name order, empty ones included), from the index cache when valid."""
+    file, real = _index_file(base, cache) if cache is not None else (None, "")
+    if file is not None:
+        cached = _read_index(file, real)
+        if cached is not None:
+            return cached
+    built = time.time_ns()
+    dirs: dict[str, int] = {}
+    seen: set[tuple[int, int]] = set()
+    info = os.stat(base)
+    seen.add((info.st_dev, info.st_ino))
+    dirs[""] = info.st_mtime_ns
+    loose: list[str] = []
+    subdirs: list[str] = []
+    with os.scandir(base) as it:
+        for entry in it:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                subdirs.append(entry.name)
+            elif entry.is_file() and _is_image(entry.name):
+                loose.append(entry.name)
+    classes = [[name, _walk_images(os.path.join(base, name), name, dirs, seen)] for name in sorted(subdirs)]
+    data = {"version": _INDEX_VERSION, "root": real, "built_ns": built, "dirs": dirs}
+    data.update(loose=sorted(loose), classes=classes)
+    if file is not None and len(loose) + sum(len(files) for _, files in classes) >= INDEX_CACHE_MIN_FILES:
+        _write_index(file, data)
+    return data
+
+
+def scan_image_folder(
+    root: str | Path, what: str = "root", index_cache: str | None = "auto"
+) -> tuple[list[str], list[int] | None, list[str] | None]:
     """Discover the images of a folder and their labels.
 
     Layouts:
         * ``root/<class>/**/<image>``: labelled; classes are the sorted sub-folder names.
         * ``root/<image>``: unlabelled.
 
+    Folders of :data:`INDEX_CACHE_MIN_FILES` images or more keep their index (the file
+    list) in ``index_cache`` (see :func:`index_cache_dir`), reused while no folder under
+    ``root`` has changed (their modification times are compared), rebuilt otherwise.
+
     Args:
         root: the folder.
         what: the argument name, used in error messages.
+        index_cache: index cache folder, ``"auto"`` or ``None`` (always scan).
 
     Returns:
         ``(paths, labels, class_names)``; ``labels`` and ``class_names`` are ``None`` for
@@ -278,20 +406,19 @@ def scan_image_folder(root: str | Path, what: str = "root") -> tuple[list[str], 
     base = Path(root)
     if not base.is_dir():
         raise DataError(f"{what}={str(root)!r} does not exist or is not a directory")
-    with os.scandir(base) as it:
-        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-    loose = [e.path for e in entries if e.is_file() and _is_image(e.name)]
+    scan = _scan_folder(base, index_cache_dir(index_cache))
+    prefix = os.path.join(str(base), "")
+    loose = [prefix + name for name in scan["loose"]]
     paths: list[str] = []
     labels: list[int] = []
     class_names: list[str] = []
-    for entry in (e for e in entries if e.is_dir()):
-        files = _walk_images(Path(entry.path))
+    for name, files in scan["classes"]:
         if not files:
-            logger.warning("%s: class folder %s holds no images; ignoring it", what, entry.path)
+            logger.warning("%s: class folder %s holds no images; ignoring it", what, prefix + name)
             continue
         labels.extend([len(class_names)] * len(files))
-        class_names.append(entry.name)
-        paths.extend(files)
+        class_names.append(name)
+        paths.extend(prefix + f for f in files)
     if class_names and loose:
         raise DataError(
             f"{what}={str(root)!r} mixes images in class sub-folders with loose images such as "
@@ -643,6 +770,7 @@ def build_image_folder(
     test_masks: str | None = None,
     mask_classes: int | None = None,
     list_file: str | None = None,
+    index_cache: str | None = "auto",
 ) -> DataSplits:
     """Images in folders, labelled by class sub-folder (``root/<class>/**/<img>``) or
     unlabelled (``root/<img>``).
@@ -683,6 +811,9 @@ def build_image_folder(
         list_file: keep only the images of ``root`` named in this text file (one path per
             line, absolute or relative to the file's folder), e.g. the ``curated.txt`` that
             ``selfsup curate`` writes (DINOv2's curated pool).
+        index_cache: where the file lists of big folders are cached (reused while the
+            folders are unchanged): ``"auto"`` (``$SELFSUP_CACHE_DIR`` or
+            ``~/.cache/selfsup``), a folder, or ``None`` to scan every time.
     """
     if image_size is None:
         raise DataError(
@@ -709,7 +840,7 @@ def build_image_folder(
         if missing:
             raise DataError(f"with masks, both the train and the test images need them: pass {missing[0]}=<folder> too")
 
-    root_paths, root_labels, root_classes = scan_image_folder(root, "root")
+    root_paths, root_labels, root_classes = scan_image_folder(root, "root", index_cache)
     if list_file is not None:
         root_paths, root_labels = _keep_listed(root_paths, root_labels, list_file)
     if mode == "auto":
@@ -747,7 +878,7 @@ def build_image_folder(
 
     if train_root is not None:
         pretrain = make(root_paths, None, None, root)
-        train_paths, train_labels, classes = scan_image_folder(train_root, "train_root")
+        train_paths, train_labels, classes = scan_image_folder(train_root, "train_root", index_cache)
         train_where = train_root
         if classes is None or train_labels is None:
             raise DataError(
@@ -769,7 +900,7 @@ def build_image_folder(
         return _finish("image-folder", pretrain, empty, make([], None, None), 0, limit, seed, stats_samples)
 
     if test_root is not None:
-        test_paths, test_labels, test_classes = scan_image_folder(test_root, "test_root")
+        test_paths, test_labels, test_classes = scan_image_folder(test_root, "test_root", index_cache)
         if test_classes is None or test_labels is None:
             raise DataError(
                 f"test_root={test_root!r} holds loose images; test images must sit in class "

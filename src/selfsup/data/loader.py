@@ -6,17 +6,22 @@ processes with per-process batch ``B`` together see exactly the batches of one p
 batch ``world_size * B`` (each rank takes its contiguous slice of the global batch).
 
 In-memory datasets (:class:`~selfsup.data.base.TensorImageDataset`) are batched by one tensor
-index per batch; file-backed datasets go through a ``DataLoader`` whose workers decode images.
+index per batch; file-backed datasets go through a ``DataLoader`` whose workers decode images,
+or, for datasets that read whole batches (``get_batch``, e.g. packed shards), read one batch
+each. A DataLoader hands each batch of the sampler to exactly one worker, so with the
+sampler's rank slices every image is read once per epoch over all processes and workers.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from selfsup.data.base import BatchTriple, DataError, ImageDataset, Sample, TensorImageDataset
 
@@ -165,6 +170,54 @@ def _loader_batches(
         yield images, labels, indices
 
 
+def default_num_workers(dataset: ImageDataset) -> int:
+    """DataLoader workers when none are configured: 0 for in-memory tensors (batched in this
+    process), else ``min(4, cores - 1)`` of the cores this process may use (one core stays
+    with the training step)."""
+    if isinstance(dataset, TensorImageDataset):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cores - 1))
+
+
+class _BatchReads(Dataset):
+    """A dataset that reads whole batches (``get_batch``) as a DataLoader dataset whose
+    items are batches: ``reads[list of indices] -> (images, labels, indices)``."""
+
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, batch: list[int]) -> BatchTriple:
+        return self.dataset.get_batch(torch.tensor(batch, dtype=torch.int64))  # type: ignore[attr-defined]
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
+
+
+def _read_batches(
+    dataset: ImageDataset, batch_lists: list[list[int]], num_workers: int, prefetch: int, seed: int
+) -> Iterator[BatchTriple]:
+    """``dataset.get_batch`` of each batch, in order, in ``num_workers`` processes (or here)."""
+    if num_workers == 0:
+        return (dataset.get_batch(torch.tensor(b, dtype=torch.int64)) for b in batch_lists)  # type: ignore[attr-defined]
+    loader = DataLoader(
+        _BatchReads(dataset),
+        sampler=batch_lists,
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=_as_is,  # the batch is already one
+        prefetch_factor=prefetch,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return iter(loader)
+
+
+def _reads_batches(dataset: ImageDataset) -> bool:
+    """Whether a file-backed dataset reads whole batches itself (``get_batch``)."""
+    return not isinstance(dataset, TensorImageDataset) and callable(getattr(dataset, "get_batch", None))
+
+
 def _check_loader_args(num_workers: int, prefetch: int) -> None:
     """Raise :class:`DataError` for a negative worker count or a prefetch below 1."""
     if num_workers < 0:
@@ -178,7 +231,7 @@ def iterate_batches(
     sampler: EpochBatchSampler,
     epoch: int,
     start_batch: int = 0,
-    num_workers: int = 0,
+    num_workers: int | None = 0,
     prefetch: int = 2,
 ) -> Iterator[BatchTriple]:
     """Yield the training batches of ``epoch`` for this rank, from batch ``start_batch`` on.
@@ -195,7 +248,8 @@ def iterate_batches(
         sampler: the per-process batch order.
         epoch: epoch number (selects the permutation).
         start_batch: number of batches of this epoch already done.
-        num_workers: decoding processes for file-backed datasets (0 = in this process).
+        num_workers: decoding processes for file-backed datasets (0 = in this process,
+            ``None`` = :func:`default_num_workers`).
         prefetch: batches each worker prepares ahead.
 
     Yields:
@@ -206,16 +260,20 @@ def iterate_batches(
             f"sampler was built for {sampler.num_samples} samples but the dataset has "
             f"{len(dataset)}; build EpochBatchSampler(len(dataset), ...)"
         )
+    if num_workers is None:
+        num_workers = default_num_workers(dataset)
     _check_loader_args(num_workers, prefetch)
     batches = sampler.batches(epoch, start_batch)  # validates start_batch now, not lazily
     if isinstance(dataset, TensorImageDataset):
         return (dataset.get_batch(idx) for idx in batches)
     batch_lists = [idx.tolist() for idx in batches]
+    if _reads_batches(dataset):
+        return _read_batches(dataset, batch_lists, num_workers, prefetch, sampler.seed + epoch)
     return _loader_batches(dataset, batch_lists, num_workers, prefetch, sampler.seed + epoch, True)
 
 
 def iterate_eval(
-    dataset: ImageDataset, batch_size: int, num_workers: int = 0, prefetch: int = 2
+    dataset: ImageDataset, batch_size: int, num_workers: int | None = 0, prefetch: int = 2
 ) -> Iterator[BatchTriple]:
     """Yield the whole dataset in order, unshuffled, last batch possibly smaller (for
     feature extraction). Samples that fail to decode are dropped; empty batches are skipped.
@@ -225,9 +283,13 @@ def iterate_eval(
     """
     if batch_size <= 0:
         raise DataError(f"batch_size must be positive, got {batch_size}")
+    if num_workers is None:
+        num_workers = default_num_workers(dataset)
     _check_loader_args(num_workers, prefetch)
     n = len(dataset)
     if isinstance(dataset, TensorImageDataset):
         return (dataset.get_batch(torch.arange(start, min(start + batch_size, n))) for start in range(0, n, batch_size))
     batch_lists = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
+    if _reads_batches(dataset):
+        return _read_batches(dataset, batch_lists, num_workers, prefetch, 0)
     return _loader_batches(dataset, batch_lists, num_workers, prefetch, 0, False)

@@ -62,7 +62,7 @@ def encode(
     batch_size: int = 512,
     limit: int | None = None,
     precision: str = "fp32",
-    num_workers: int = 0,
+    num_workers: int | None = 0,
     gather: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Features ``(N, D)`` float32 and labels ``(N,)`` of (the first ``limit`` of) a split.
