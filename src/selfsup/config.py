@@ -106,12 +106,17 @@ class TrainConfig:
         batch_size: images per process per optimisation step (all micro-batches together).
         accum_steps: micro-batches per optimisation step (gradient accumulation).
         precision: ``"bf16"`` runs the forward under bfloat16 autocast; losses stay float32.
+            ``"auto"``: bf16 on a CUDA GPU that supports it, and on a CPU with native bf16
+            units (AMX, AVX512-BF16) where a quick measurement finds it faster; else fp32.
+        compile: ``torch.compile`` the method's forward (needs a C++ compiler on the CPU;
+            the first steps are slow while it compiles).
         ema_momentum: ``[start, end]`` of the cosine teacher-momentum schedule (``None`` =
             the method's default).
         checkpoint_every: also checkpoint every N steps (0 = only at epoch ends and the end).
         knn_every: online kNN monitor every N epochs on the labelled split (0 = off).
         knn_samples: at most this many labelled train/test images for the online monitor.
-        num_workers: DataLoader workers for datasets that decode files.
+        num_workers: DataLoader workers for datasets that decode or read files (``None`` =
+            ``min(4, cores - 1)``; in-memory data sets never use workers).
         threads: torch intra-op threads (0 = leave PyTorch's default).
         device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
     """
@@ -120,15 +125,16 @@ class TrainConfig:
     max_steps: int | None = None
     batch_size: int = 256
     accum_steps: int = 1
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     channels_last: bool = False
+    compile: bool = False
     seed: int = 0
     ema_momentum: tuple[float, float] | None = None
     checkpoint_every: int = 0
     log_every: int = 20
     knn_every: int = 1
     knn_samples: int = 10000
-    num_workers: int = 0
+    num_workers: int | None = None
     threads: int = 0
     device: str = "auto"
     sync_batchnorm: bool = False
@@ -467,7 +473,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.log_every", lambda v: v >= 1, ">= 1"),
     ("train.knn_every", lambda v: v >= 0, ">= 0; 0 = off"),
     ("train.knn_samples", lambda v: v >= 1, ">= 1"),
-    ("train.num_workers", lambda v: v >= 0, ">= 0"),
+    ("train.num_workers", lambda v: v is None or v >= 0, ">= 0, or null for min(4, cores - 1)"),
     ("train.threads", lambda v: v >= 0, ">= 0; 0 = PyTorch's default"),
     ("eval.knn_k", lambda v: len(v) > 0 and all(k >= 1 for k in v), "a non-empty list of integers >= 1"),
     ("eval.knn_temperature", lambda v: v > 0, "> 0"),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, TypedDict
 
 import torch
@@ -252,7 +252,7 @@ def finetune_model(
 
     losses: list[float] = []
 
-    def record(info: object, parts: dict[str, float], seen: int) -> None:
+    def record(info: object, parts: Mapping[str, float], seen: int) -> None:
         if info.step % steps_per_epoch == 0:  # type: ignore[attr-defined]
             losses.clear()  # keep the last epoch's
         if parts:

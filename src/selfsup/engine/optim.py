@@ -61,7 +61,11 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimConfig, lr: fl
     """Builds the configured optimiser. Groups may carry ``weight_decay`` (overriding the
     config's, e.g. 0 for norms), ``lr_scale`` (a multiplier on the scheduled lr, e.g. layer
     decay), ``fixed_lr`` (``True``: the group keeps the peak lr times ``lr_scale`` on every
-    step, without warm-up or decay, e.g. SimSiam's predictor) and ``lars_exclude``."""
+    step, without warm-up or decay, e.g. SimSiam's predictor) and ``lars_exclude``.
+
+    SGD and AdamW over CUDA parameters use PyTorch's fused kernels: a few launches per step,
+    and a ``found_inf`` input with which the training loop skips a non-finite step on the
+    device, without a host sync."""
     groups = []
     for group in param_groups:
         if not group["params"]:
@@ -75,10 +79,12 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimConfig, lr: fl
         if cfg.name != "lars":
             group.pop("lars_exclude", None)
         groups.append(group)
+    on_gpu = bool(groups) and all(p.is_cuda for group in groups for p in group["params"])
+    fused = True if on_gpu else None
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
     raise ValueError(f"unknown optimiser {cfg.name!r}")

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -219,6 +219,7 @@ class PretrainRun:
             clip_grad=cfg.optim.clip_grad,
             encode_pretrain=self._encode_pretrain,
             num_samples=len(splits.pretrain),
+            compile=cfg.train.compile,
         )
         self.resolved = {
             "world_size": self.dist.world_size,
@@ -229,6 +230,7 @@ class PretrainRun:
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "view_recipe": view_recipe_name(cfg),
+            "precision": self.loop.precision,  # train.precision=auto resolved for this machine
         }
 
         self.start_step = 0
@@ -376,7 +378,10 @@ class PretrainRun:
         Raises:
             TrainingError: the weights or the optimiser state hold a NaN or an infinity; the
                 previous checkpoint is kept (a resume from it would only diverge again).
+            NonFiniteLossError: a step since the last check had a non-finite loss (on a GPU
+                the loop reads its flags at the log interval; a checkpoint reads them now).
         """
+        self.loop.check_finite()
         engine_dist.average_batchnorm_stats(self.method, self.dist)
         method_state, optimizer_state = self.method.state_dict(), self.optimizer.state_dict()
         bad = non_finite_entries({"method": method_state, "optimizer": optimizer_state["state"]})
@@ -426,7 +431,7 @@ class PretrainRun:
             self.parts.eval_views,
             self.device,
             self.cfg.eval.batch_size,
-            precision=self.cfg.train.precision,
+            precision=self.loop.precision,
             num_workers=self.cfg.train.num_workers,
             gather=self.dist.world_size > 1,
         )
@@ -437,6 +442,9 @@ class PretrainRun:
         epoch, offset = divmod(step, self.steps_per_epoch)
         # Image-text methods get one caption per image, drawn per (seed, epoch, index).
         captions = caption_lists(self.parts.splits.pretrain) if "text" in self.method.batch_fields else None
+        # Seconds the training loop waited in next() for a batch (this body runs only then),
+        # since the last metrics record: the data_wait fraction.
+        self.data_wait, clock = 0.0, time.perf_counter()
         while True:
             for triple in iterate_batches(
                 self.parts.splits.pretrain, self.sampler, epoch, offset, num_workers=self.cfg.train.num_workers
@@ -444,7 +452,9 @@ class PretrainRun:
                 batch = DataBatch.from_triple(triple)
                 if captions is not None:
                     batch.text = sample_captions(captions, batch.index, epoch, self.cfg.train.seed)
+                self.data_wait += time.perf_counter() - clock
                 yield batch
+                clock = time.perf_counter()
             epoch, offset = epoch + 1, 0
 
     def fit(self) -> dict[str, Any]:
@@ -464,7 +474,7 @@ class PretrainRun:
         )
         window = {"clock": time.perf_counter(), "seen": 0}
 
-        def after_step(info: StepInfo, parts: dict[str, float], seen: int) -> None:
+        def after_step(info: StepInfo, parts: Mapping[str, float], seen: int) -> None:
             step = info.step
             window["seen"] += seen * self.dist.world_size
             bar.update(1)
@@ -480,6 +490,7 @@ class PretrainRun:
                     "wd": info.weight_decay,
                     "epoch": info.epoch,
                     "images_per_s": window["seen"] / max(elapsed, 1e-9),
+                    "data_wait": self.data_wait / max(elapsed, 1e-9),  # fraction of the time
                     **info.extra,
                 }
                 if self.method.uses_ema:
@@ -487,6 +498,7 @@ class PretrainRun:
                 self.logger.log(record, step)
                 bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{info.lr:.3g}", img_s=f"{record['images_per_s']:.0f}")
                 window["clock"], window["seen"] = time.perf_counter(), 0
+                self.data_wait = 0.0
             epoch_end = (step + 1) % self.steps_per_epoch == 0
             epochs_done = (step + 1) // self.steps_per_epoch
             if epoch_end and cfg.train.knn_every and epochs_done % cfg.train.knn_every == 0 and not last:
@@ -498,7 +510,10 @@ class PretrainRun:
         with stop.installed():
             try:
                 self.loop.run(
-                    self._batches(self.start_step), self.start_step, on_step=self._stop_after(after_step, stop)
+                    self._batches(self.start_step),
+                    self.start_step,
+                    on_step=self._stop_after(after_step, stop),
+                    check_every=cfg.train.log_every,  # the loss is read (a GPU sync) when logged
                 )
             except NonFiniteLossError as err:
                 raise DivergedError(err, self._resume_note()) from None
@@ -521,12 +536,12 @@ class PretrainRun:
         return results
 
     def _stop_after(
-        self, after_step: Callable[[StepInfo, dict[str, float], int], None], stop: _StopRequest
-    ) -> Callable[[StepInfo, dict[str, float], int], None]:
+        self, after_step: Callable[[StepInfo, Mapping[str, float], int], None], stop: _StopRequest
+    ) -> Callable[[StepInfo, Mapping[str, float], int], None]:
         """``after_step``, then, if SIGINT or SIGTERM arrived (on any process), a checkpoint
         (unless this step wrote one) and :class:`RunInterrupted` saying how to resume."""
 
-        def on_step(info: StepInfo, parts: dict[str, float], seen: int) -> None:
+        def on_step(info: StepInfo, parts: Mapping[str, float], seen: int) -> None:
             after_step(info, parts, seen)
             signum = stop.signum or 0
             if self.dist.world_size > 1:  # every process must stop at the same step
@@ -586,6 +601,7 @@ class PretrainRun:
             "world_size": self.dist.world_size,
             "cpu": cpu_name(),
             "device": str(self.device),
+            "precision": self.loop.precision,
             "torch": torch.__version__,
             "finished": datetime.now().isoformat(timespec="seconds"),
         }
@@ -609,7 +625,7 @@ class PretrainRun:
             self.parts.eval_views,
             eval_cfg,
             self.device,
-            cfg.train.precision,
+            self.loop.precision,
             limit=cfg.train.knn_samples,
             linear=False,
             gather=self.dist.world_size > 1,
@@ -656,7 +672,7 @@ class PretrainRun:
                 self.parts.eval_views,
                 cfg.eval,
                 self.device,
-                cfg.train.precision,
+                self.loop.precision,
                 seed=cfg.train.seed,
                 gather=gather,
             )
