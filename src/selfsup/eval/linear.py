@@ -16,6 +16,7 @@ Representations", ICML 2020 (arXiv:2002.05709), Appendix B.5.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -39,6 +40,13 @@ DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 # Rows per block when computing logits for evaluation (bounds memory for huge test sets).
 _EVAL_CHUNK = 65536
+# Early stopping of the weight-decay search's fits on the held-out slice: check every 10
+# L-BFGS iterations, stop after 3 checks without a gain above 0.1 points (6 of 6000 rows;
+# later iterations move the held-out accuracy by about that much either way). Only the
+# search stops early; the final refit always runs its full ``epochs``.
+_CHECK_EVERY = 10
+_PATIENCE = 3
+_MIN_GAIN = 1e-3
 
 
 class LinearProbe(nn.Module):
@@ -103,12 +111,15 @@ def _fit_lbfgs(
     max_iter: int,
     lr: float,
     batch_size: int | None,
+    monitor: Callable[[], float] | None = None,
 ) -> None:
     """Minimise ``mean CE(probe.linear(x), y) + 0.5 * weight_decay * ||W||^2`` in place.
 
     ``x`` is ``(N, D)`` already standardised; the bias is not regularised. With
     ``batch_size`` the full-batch loss and gradient are accumulated over row blocks, which
-    bounds activation memory without changing the objective.
+    bounds activation memory without changing the objective. With ``monitor`` (held-out
+    accuracy of the current weights) the fit stops once that accuracy has not risen by more
+    than ``_MIN_GAIN`` for ``_PATIENCE`` checks of ``_CHECK_EVERY`` iterations each.
     """
     linear = probe.linear
     n = x.shape[0]
@@ -151,7 +162,26 @@ def _fit_lbfgs(
             grad_b.add_(dlogits.sum(dim=0), alpha=1.0 / n)
         return loss
 
-    optimizer.step(closure)
+    if monitor is None:
+        optimizer.step(closure)
+        return
+    # L-BFGS keeps its history and step in optimizer.state between step() calls, so steps of
+    # _CHECK_EVERY iterations follow the path of one long call (each call re-evaluates the
+    # loss at its start: one extra, identical evaluation), with a held-out check in between.
+    state = optimizer.state[weight]
+    best, stale, done = -1.0, 0, 0
+    while done < max_iter:
+        chunk = min(_CHECK_EVERY, max_iter - done)
+        optimizer.param_groups[0].update(max_iter=chunk, max_eval=25 * chunk)
+        before = state.get("n_iter", 0)
+        optimizer.step(closure)
+        done += chunk
+        if state.get("n_iter", 0) - before < chunk:  # converged (a tolerance was met)
+            return
+        acc = monitor()
+        best, stale = (acc, 0) if acc > best + _MIN_GAIN else (best, stale + 1)
+        if stale >= _PATIENCE:
+            return
 
 
 def train_linear_head(
@@ -164,6 +194,7 @@ def train_linear_head(
     lr: float | None = None,
     standardize: bool = True,
     init: LinearProbe | None = None,
+    val: tuple[Tensor, Tensor] | None = None,
 ) -> LinearProbe:
     """Train a linear classifier on frozen ``(N, D)`` features with full-batch L-BFGS.
 
@@ -186,6 +217,8 @@ def train_linear_head(
         standardize: standardise with the training mean / std (recommended: conditions the
             problem and makes one weight-decay grid fit every feature scale).
         init: optional probe to warm-start from (same ``D`` and ``C``); it is not modified.
+        val: optional held-out ``(features, labels)``: stop early once their top-1 accuracy
+            stops rising (checked every 10 iterations; see ``_PATIENCE``, ``_MIN_GAIN``).
 
     Returns:
         A trained :class:`LinearProbe` (on ``features.device``) holding the standardisation.
@@ -213,7 +246,8 @@ def train_linear_head(
         probe.std.copy_(x.std(dim=0).clamp_min(1e-6))
         x = (x - probe.mean) / probe.std
 
-    _fit_lbfgs(probe, x, y, weight_decay, epochs, 1.0 if lr is None else lr, batch_size)
+    monitor = None if val is None else functools.partial(_top1, probe, *val)
+    _fit_lbfgs(probe, x, y, weight_decay, epochs, 1.0 if lr is None else lr, batch_size, monitor)
     probe.requires_grad_(False)
     return probe
 
@@ -239,6 +273,11 @@ def _accuracies(
     return out
 
 
+def _top1(probe: LinearProbe, features: Tensor, labels: Tensor) -> float:
+    """Top-1 accuracy of ``probe`` on raw ``(N, D)`` features, a fraction."""
+    return _accuracies(probe, features, labels, "val", 0)["val_top1"]
+
+
 def linear_probe(
     train_features: Tensor,
     train_labels: Tensor,
@@ -253,12 +292,17 @@ def linear_probe(
     val_fraction: float = 0.1,
     seed: int = 0,
     return_probe: bool = False,
+    early_stop: bool = True,
 ) -> dict[str, float] | tuple[dict[str, float], LinearProbe]:
     """Linear-probe accuracy of frozen features, with the L2 strength chosen on validation.
 
     1. Hold out a seeded random ``val_fraction`` of the training rows.
     2. For each weight decay (largest first, each fit warm-started from the previous, which
-       is cheap and exact for a convex problem), fit on the rest and score val top-1.
+       is cheap and exact for a convex problem), fit on the rest and score val top-1. With
+       ``early_stop`` each fit stops once its val top-1 has stopped rising (checked every 10
+       iterations), and the path stops at the first decay whose val top-1 falls below the
+       best so far (val accuracy along the path rises, peaks, then falls as the fits
+       over-fit; the weakest decays are also the slowest to fit).
     3. Keep the best (ties go to the larger decay), refit on all training rows with
        standardisation recomputed on them, and score the test set.
     The search is skipped with a single weight decay or ``val_fraction == 0``.
@@ -272,6 +316,9 @@ def linear_probe(
         val_fraction: share of training rows held out for the search, in ``[0, 1)``.
         seed: seeds the ``torch.Generator`` that draws the validation split.
         return_probe: also return the final :class:`LinearProbe`.
+        early_stop: stop the search's fits and the path early on the held-out slice as in
+            step 2 (the final refit always runs ``epochs`` iterations); ``False`` fits every
+            decay for ``epochs`` iterations.
 
     Returns:
         ``{"linear_top1", "linear_top5" (>= 5 classes), "linear_weight_decay",
@@ -310,10 +357,13 @@ def linear_probe(
         x_val, y_val = train_features[val_idx], train_labels[val_idx]
         best_acc = -1.0
         for wd in sorted(grid, reverse=True):
-            probe = train_linear_head(x_fit, y_fit, weight_decay=wd, init=warm, **fit_kw)
+            val = (x_val, y_val) if early_stop else None
+            probe = train_linear_head(x_fit, y_fit, weight_decay=wd, init=warm, val=val, **fit_kw)
             acc = _accuracies(probe, x_val, y_val, "val", num_classes)["val_top1"]
             if acc > best_acc:
                 best_acc, chosen, best_probe = acc, wd, probe
+            elif early_stop and acc < best_acc:
+                break  # past the peak: weaker decays fit slower and over-fit more
             warm = probe
         warm = best_probe
         metrics["linear_val_top1"] = best_acc
