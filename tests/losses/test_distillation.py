@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from selfsup.losses import dino_center_update, dino_loss, koleo_loss, swav_loss
+from selfsup.losses import cross_view_cross_entropy, dino_center_update, dino_loss, koleo_loss, swav_loss
 
 
 def _softmax(xs: list[float]) -> list[float]:
@@ -79,6 +79,48 @@ def test_dino_teacher_gets_no_gradient_and_gradcheck() -> None:
     assert all(x.grad is None for x in t) and all(x.grad is not None for x in s)
     t_fixed = [x.detach() for x in t]
     assert torch.autograd.gradcheck(lambda a, b, c: dino_loss([a, b, c], t_fixed, center, 0.1, 0.04), tuple(s))
+
+
+def pairwise_cross_entropy(student: torch.Tensor, targets: torch.Tensor, views: int, temp: float) -> torch.Tensor:
+    """The paper's formula written out: one term per (target view i, student view v != i)."""
+    batch = student.shape[0] // views
+    s, q = student.chunk(views), targets.chunk(targets.shape[0] // batch)
+    terms = [
+        -(q_i * torch.log_softmax(s_v / temp, dim=1)).sum(dim=1).mean()
+        for i, q_i in enumerate(q)
+        for v, s_v in enumerate(s)
+        if v != i
+    ]
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize(("num_targets", "num_views"), [(1, 2), (1, 4), (2, 2), (2, 8), (3, 5)])
+def test_cross_view_cross_entropy_equals_the_pairwise_sum_in_float64(num_targets: int, num_views: int) -> None:
+    # Summing each student view's targets first (cross-entropy is linear in the target) and
+    # the hand-written backward give the pairwise formula's loss and gradient.
+    g = torch.Generator().manual_seed(num_targets * 10 + num_views)
+    student = torch.randn(num_views * 3, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.softmax(torch.randn(num_targets * 3, 7, dtype=torch.float64, generator=g), dim=1)
+    targets[0] *= 0.5  # rows need not sum to 1
+    got = cross_view_cross_entropy(student, targets, num_views, temperature=0.1)
+    expected = pairwise_cross_entropy(student, targets, num_views, 0.1)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    (grad_got,) = torch.autograd.grad(2.5 * got, student)
+    (grad_expected,) = torch.autograd.grad(2.5 * expected, student)
+    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, swav_loss(student.chunk(num_views), targets.chunk(num_targets), 0.1))
+    assert torch.autograd.gradcheck(lambda x: cross_view_cross_entropy(x, targets, num_views, 0.1), (student,))
+
+
+def test_cross_view_cross_entropy_gives_targets_no_gradient_and_checks_shapes() -> None:
+    student = torch.randn(6, 4, requires_grad=True)
+    targets = torch.softmax(torch.randn(4, 4), dim=1).requires_grad_()
+    cross_view_cross_entropy(student, targets, 3).backward()
+    assert targets.grad is None and student.grad is not None
+    with pytest.raises(ValueError, match="num_views"):
+        cross_view_cross_entropy(student, targets[:3], 3)
+    with pytest.raises(ValueError, match="target views"):
+        cross_view_cross_entropy(student, torch.cat([targets, targets]), 3)
 
 
 def test_dino_center_update_is_pure_ema_of_batch_mean() -> None:

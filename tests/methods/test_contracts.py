@@ -38,6 +38,7 @@ SMALL = {
     "text_heads": 2,
     "context_length": 16,
     "vocab_size": 300,
+    "freeze_last_layer_epochs": 0.0,  # DINO's frozen first epoch gives its last layer no gradient
 }
 NUM_SAMPLES = 256  # the pretraining set of the contract runs (engine fact and epoch pass)
 FACTS = {

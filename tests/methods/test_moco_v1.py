@@ -196,3 +196,37 @@ def test_tiny_training_on_digits_learns_without_collapse(tmp_path: Path, mochi: 
     assert trained["feature_std"] > baseline["feature_std"], (trained, baseline)
     # ... and their neighbours share labels more often (k = 200 of 1437 images, 10 classes).
     assert trained["knn_top1@200"] > baseline["knn_top1@200"] + 0.03, (trained, baseline)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_shuffle_bn_in_one_call_equals_one_call_per_group_in_float64(groups: int) -> None:
+    # Keys: BN statistics per sub-batch of a random permutation; queries: per sub-batch in
+    # order. The single call with grouped BN gives the per-sub-batch calls' embeddings,
+    # gradients and running statistics.
+    torch.manual_seed(0)
+    method = MoCoV2(_convnet(), num_samples=256, batch_size=8, proj_hidden_dim=16, shuffle_bn_groups=groups).double()
+    reference = copy.deepcopy(method)
+    x = _batch(8).views[0].double()
+
+    def per_group(backbone: nn.Module, projector: nn.Module, images: Tensor, order: Tensor | None) -> Tensor:
+        order = torch.arange(images.shape[0]) if order is None else order
+        out = torch.cat([projector(backbone(chunk)) for chunk in images[order].chunk(groups)])
+        return F.normalize(out[torch.argsort(order)], dim=1)
+
+    torch.manual_seed(1)
+    keys = method._key(x)
+    torch.manual_seed(1)
+    order = torch.randperm(8)
+    with torch.no_grad():
+        keys_expected = per_group(reference.teacher_backbone, reference.teacher_projector, x, order)
+    torch.testing.assert_close(keys, keys_expected.float())  # keys are float32 for the queue
+    queries = method._query(x)
+    expected = per_group(reference.backbone, reference.projector, x, None)
+    torch.testing.assert_close(queries, expected, rtol=1e-10, atol=1e-10)
+    (queries * keys.double()).sum().backward()
+    (expected * keys.double()).sum().backward()
+    for p, q in zip(method.parameters(), reference.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-10)
+    for a, b in zip(method.buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

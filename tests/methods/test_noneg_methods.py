@@ -326,6 +326,24 @@ def test_dino_last_layer_frozen_during_the_first_epoch_only() -> None:
         assert frozen == [epoch < 1.0] * 2, (epoch, frozen)
 
 
+def test_dino_frozen_last_layer_gets_no_gradient_and_the_rest_the_same_one() -> None:
+    # During the frozen epoch autograd skips the last layer's weight gradient (no GEMM
+    # computed to be thrown away); every other gradient is what the unfrozen step computes.
+    torch.manual_seed(0)
+    method = small_dino(norm_last_layer=False, warmup_teacher_temp_epochs=0).double()  # same targets
+    views = [v.double() for v in dino_views()]
+    grads = {}
+    for epoch in (0.0, 1.0):
+        method.zero_grad()
+        method.training_step(batch_of(views), info(epoch=epoch, method=method))["loss"].backward()
+        grads[epoch] = {n: p.grad for n, p in method.named_parameters() if p.requires_grad}
+    last = {"head.last_layer_v", "head.last_layer_g"}
+    assert all(grads[0.0][n] is None for n in last) and all(grads[1.0][n] is not None for n in last)
+    for name, grad in grads[1.0].items():
+        if name not in last:
+            torch.testing.assert_close(grads[0.0][name], grad, rtol=1e-12, atol=1e-14, msg=name)
+
+
 def test_dino_teacher_sees_only_the_global_crops_student_one_call_per_size() -> None:
     method = small_dino()
     teacher_inputs: list[tuple[int, ...]] = []

@@ -4,14 +4,103 @@ patch cross-entropy, KoLeo, and SEED's cross-entropy of similarity distributions
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.losses._utils import full_precision
-from selfsup.losses.clustering import swav_loss
 from selfsup.nn.distributed import all_reduce_sum
+
+
+def _summed_targets(codes: Sequence[Tensor], num_views: int) -> list[Tensor | None]:
+    """Each student view's summed target ``sum_{i != v} q_i`` over the code views ``q_i``
+    ``(B, K)`` (``v < len(codes)``: the other code views; ``v >= len(codes)``: all of them);
+    ``None`` where no code view pairs with ``v`` (a single code view and ``v = 0``)."""
+    total = codes[0] if len(codes) == 1 else torch.stack(list(codes)).sum(dim=0)
+    summed: list[Tensor | None] = []
+    for v in range(num_views):
+        if v >= len(codes):
+            summed.append(total)
+        elif len(codes) == 1:
+            summed.append(None)
+        elif len(codes) == 2:
+            summed.append(codes[1 - v])
+        else:
+            summed.append(total - codes[v])
+    return summed
+
+
+class _CrossViewCrossEntropy(torch.autograd.Function):
+    """Forward and backward of :func:`cross_view_cross_entropy` over one ``(V * B, K)`` buffer.
+
+    Forward: one ``log_softmax`` of all student rows and one dot product per view. Backward:
+    ``d/ds_v = (rowsum(T_v) * softmax(s_v / tau) - T_v) / (tau * B * terms)``, built in place
+    on one ``(V * B, K)`` buffer (the saved log-probabilities stay intact, so a retained
+    graph can be differentiated again)."""
+
+    @staticmethod
+    def forward(ctx: Any, student: Tensor, targets: Tensor, num_views: int, temperature: float) -> Tensor:
+        batch = student.shape[0] // num_views
+        codes = targets.chunk(targets.shape[0] // batch)
+        summed = _summed_targets(codes, num_views)
+        log_p = torch.log_softmax(student / temperature, dim=1)
+        total = log_p.new_zeros(())
+        for target, log_p_v in zip(summed, log_p.chunk(num_views)):
+            if target is not None:
+                total = total - torch.dot(target.reshape(-1), log_p_v.reshape(-1))
+        scale = 1.0 / (batch * len(codes) * (num_views - 1))
+        ctx.save_for_backward(log_p)
+        ctx.summed, ctx.num_views, ctx.scale, ctx.temperature = summed, num_views, scale, temperature
+        return total * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
+        (log_p,) = ctx.saved_tensors
+        grad = log_p.exp()  # softmax(s / tau), then the gradient in place
+        for target, grad_v in zip(ctx.summed, grad.chunk(ctx.num_views)):
+            if target is None:
+                grad_v.zero_()
+            else:
+                grad_v.mul_(target.sum(dim=1, keepdim=True)).sub_(target)
+        return grad.mul_(grad_out * (ctx.scale / ctx.temperature)), None, None, None
+
+
+@full_precision
+def cross_view_cross_entropy(student_out: Tensor, targets: Tensor, num_views: int, temperature: float = 0.1) -> Tensor:
+    """Compute DINO's (and SwAV's) cross-view cross-entropy on concatenated views.
+
+    ``student_out`` ``(V * B, K)`` holds the student's outputs of ``V`` views (``B`` rows
+    each, view-major), ``targets`` ``(G * B, K)`` the (detached) target distributions of the
+    first ``G`` of them. The loss is ``-sum_{i < G} sum_{v != i} mean_b q_i . log
+    softmax(s_v / temperature)`` divided by the ``G * (V - 1)`` pairs: exactly
+    ``swav_loss(student_out.chunk(V), targets.chunk(G), temperature)``.
+
+    Cross-entropy is linear in the target, so each student view needs one product with the
+    sum of the targets it is paired with (``sum_{i != v} q_i``) instead of ``G`` products,
+    and the gradient ``(rowsum(T_v) softmax(s_v / tau) - T_v) / tau`` is written in place
+    (a custom backward): about 3x less element-wise work over ``(V * B, K)`` than
+    ``swav_loss`` for DINO's 2 + 6 crops at ``K = 65536``. Targets get no gradient.
+
+    References: Caron et al. 2021, "Emerging Properties in Self-Supervised Vision
+    Transformers" (DINO), arXiv:2104.14294; Caron et al. 2020, SwAV, arXiv:2006.09882.
+    """
+    if student_out.ndim != 2 or targets.ndim != 2 or student_out.shape[1] != targets.shape[1]:
+        raise ValueError(
+            f"student_out and targets must be (V * B, K) and (G * B, K), got {tuple(student_out.shape)} "
+            f"and {tuple(targets.shape)}"
+        )
+    batch = student_out.shape[0] // num_views if num_views > 0 else 0
+    if num_views < 2 or batch < 1 or student_out.shape[0] != num_views * batch or targets.shape[0] % batch:
+        raise ValueError(
+            f"need num_views >= 2 views of B rows and G <= num_views target views of B rows, got "
+            f"{tuple(student_out.shape)} for {num_views} views and targets {tuple(targets.shape)}"
+        )
+    if not 1 <= targets.shape[0] // batch <= num_views:
+        raise ValueError(f"need 1 <= G <= {num_views} target views, got {targets.shape[0] // batch}")
+    loss: Tensor = _CrossViewCrossEntropy.apply(student_out, targets.detach(), num_views, temperature)
+    return loss
 
 
 @full_precision
@@ -30,15 +119,15 @@ def dino_loss(
     EMA only), the student's predictions ``log_softmax(s / student_temp)``; the loss is
     ``-sum_k P_t log P_s`` averaged over the batch and over every pair (teacher crop ``i``,
     student crop ``v``) with ``v != i``: SwAV's swapped prediction (``swav_loss``) with the
-    teacher's distributions as codes. ``center`` is ``(1, K)`` or ``(K,)``.
+    teacher's distributions as codes, computed by :func:`cross_view_cross_entropy`.
+    ``center`` is ``(1, K)`` or ``(K,)``.
     Defaults are the paper's (0.1 and the final teacher temperature 0.04).
 
     References: Caron et al. 2021, "Emerging Properties in Self-Supervised Vision
     Transformers" (DINO), arXiv:2104.14294.
     """
-    center = center.detach()
-    targets = [F.softmax((t.detach() - center) / teacher_temp, dim=-1) for t in teacher_out]
-    return swav_loss(student_out, targets, temperature=student_temp)
+    targets = F.softmax((torch.cat(list(teacher_out)).detach() - center.detach()) / teacher_temp, dim=-1)
+    return cross_view_cross_entropy(torch.cat(list(student_out)), targets, len(student_out), student_temp)
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from selfsup.losses import dino_center_update, koleo_loss, swav_loss
+from selfsup.losses import cross_view_cross_entropy, dino_center_update, koleo_loss
 from selfsup.methods.base import Batch, Method, StepInfo, StepOutputs
 from selfsup.nn.backbones.protocol import feature_dim
 from selfsup.nn.backbones.vit import without_drop_path
@@ -88,9 +88,14 @@ class DINOHead(nn.Module):
         """The weight-normalised last layer's parameters (frozen during the first epoch)."""
         return [self.last_layer_v, self.last_layer_g]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, freeze_last_layer: bool = False) -> Tensor:
+        """Head outputs ``(B, K)``; with ``freeze_last_layer`` the last layer's weights enter
+        as constants, so backward skips their gradient (a ``K x bottleneck`` GEMM) rather
+        than computing it to throw it away."""
         x = F.normalize(self.mlp(x), dim=-1)
-        return F.linear(x, self.last_layer_g * F.normalize(self.last_layer_v, dim=1))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_last_layer):
+            weight = self.last_layer_g * F.normalize(self.last_layer_v, dim=1)
+        return F.linear(x, weight)
 
 
 @METHODS.register("dino")
@@ -203,15 +208,16 @@ class DINO(Method):
                 f"them global; got {len(views)}"
             )
         features = encode_by_resolution(self.backbone, views)
-        student_out = self.head(features).chunk(len(views))
+        student_out = self.head(features, freeze_last_layer=self.last_layer_frozen(step))  # (V * B, K)
         with torch.no_grad():
             global_crops = torch.cat(list(views[: self.num_global_crops]))
             teacher_cat = self.teacher_head(self.teacher_backbone(global_crops)).float()
         teacher_temp = step["teacher_temp"]
         targets = self.teacher_targets(teacher_cat, teacher_temp)
         # DINO's cross-entropy over (teacher crop i, student crop v != i) pairs is SwAV's swapped
-        # prediction with the teacher's distributions as codes (dino_loss for the EMA centre).
-        loss = swav_loss(student_out, targets.chunk(self.num_global_crops), temperature=self.student_temp)
+        # prediction with the teacher's distributions as codes (dino_loss for the EMA centre),
+        # summed per student view over its teacher crops (cross-entropy is linear in the target).
+        loss = cross_view_cross_entropy(student_out, targets, len(views), temperature=self.student_temp)
         metrics = {"teacher_temp": loss.new_tensor(teacher_temp), "teacher_entropy": _entropy(targets)}
         if self.koleo_weight > 0:
             global_features = features[: len(global_crops)].chunk(self.num_global_crops)
@@ -233,11 +239,16 @@ class DINO(Method):
         global batch (DINOv2); rows sum to 1."""
         return teacher_distributions(teacher_out, self.center, teacher_temp, self.centering, self.sinkhorn_iterations)
 
+    def last_layer_frozen(self, step: StepInfo) -> bool:
+        """Whether the head's last layer stays fixed at this step (the first
+        ``freeze_last_layer_epochs``): "typically [keeping the output layer fixed] during the
+        first epoch helps training" (reference code)."""
+        return step.epoch < self.freeze_last_layer_epochs
+
     def on_after_backward(self, step: StepInfo) -> None:
-        # "Typically [keeping the output layer fixed] during the first epoch helps training"
-        # (reference code). No gradient, rather than a zero one, so that neither weight decay
-        # nor optimiser momentum moves it.
-        if step.epoch < self.freeze_last_layer_epochs:
+        # The frozen head's forward gives the last layer no gradient at all (not a zero one), so
+        # that neither weight decay nor optimiser momentum moves it; this clears any other path.
+        if self.last_layer_frozen(step):
             for p in self.head.last_layer_parameters():
                 p.grad = None
 
@@ -257,10 +268,10 @@ def teacher_distributions(
     token and iBOT/DINOv2's class and patch tokens (an empty row set skips Sinkhorn)."""
     if centering == "sinkhorn" and teacher_out.shape[0] > 0:
         return sinkhorn_knopp(teacher_out, epsilon=temp, iterations=sinkhorn_iterations)
-    return F.softmax((teacher_out - center) / temp, dim=-1)
+    return F.softmax((teacher_out - center).div_(temp), dim=-1)
 
 
 def _entropy(p: Tensor) -> Tensor:
     """Mean entropy of the rows of ``(B, K)`` distributions: log K when uniform (collapse to
     uniformity), 0 when one-hot (collapse to one dimension); DINO's Figure 7 monitor."""
-    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=-1).mean().detach()
+    return torch.special.entr(p).sum(dim=-1).mean().detach()  # entr(p) = -p log p, 0 at p = 0

@@ -26,7 +26,6 @@ its ``N`` hardest queue entries (``selfsup.losses.hard_negatives``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +38,7 @@ from selfsup.monitors import feature_std_tensor
 from selfsup.nn.backbones.protocol import feature_dim
 from selfsup.nn.backbones.vit import without_drop_path
 from selfsup.nn.distributed import shuffle_across_processes, unshuffle_across_processes, world_size
+from selfsup.nn.grouped_bn import batch_norm_groups
 from selfsup.nn.heads import frozen_copy, mlp_head
 from selfsup.nn.memory import FIFOQueue
 from selfsup.registry import METHODS
@@ -173,30 +173,37 @@ class MoCo(Method):
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.teacher_backbone), (self.projector, self.teacher_projector)]
 
-    def _grouped(self, encoder: Callable[[Tensor], Tensor], x: Tensor, order: Tensor | None = None) -> Tensor:
-        """Encodes ``x`` in ``shuffle_bn_groups`` sub-batches (in ``order`` if given), returns
-        embeddings in the original order. With several processes the process is the group."""
-        if order is not None:
-            x = x[order]
+    def _grouped(self, backbone: nn.Module, projector: nn.Module, x: Tensor, order: Tensor | None = None) -> Tensor:
+        """Encodes ``x`` with BN statistics per ``shuffle_bn_groups`` sub-batch (the chunks of
+        ``x[order]``, or of ``x``), returns embeddings in the original order. With several
+        processes the process is the group. One call with per-group BN
+        (``batch_norm_groups``, groups interleaved) computes what one call per sub-batch
+        computes; uneven sub-batches fall back to those calls."""
         groups = max(1, self.shuffle_bn_groups) if world_size() == 1 else 1
-        out = torch.cat([encoder(chunk) for chunk in x.chunk(groups)])
-        if order is not None:
-            out = out[torch.argsort(order)]
-        return out
+        if order is None:
+            if groups == 1:
+                return projector(backbone(x))
+            order = torch.arange(x.shape[0], device=x.device)
+        if x.shape[0] % groups:
+            out = torch.cat([projector(backbone(chunk)) for chunk in x[order].chunk(groups)])
+        else:
+            # Row i * G + g of the call is row i of sub-batch g.
+            order = order.reshape(groups, -1).T.reshape(-1)
+            with batch_norm_groups(backbone, groups), batch_norm_groups(projector, groups):
+                out = projector(backbone(x[order]))
+        return out[torch.argsort(order)]
 
     def _query(self, x: Tensor) -> Tensor:
-        return F.normalize(self._grouped(lambda v: self.projector(self.backbone(v)), x), dim=1)
+        return F.normalize(self._grouped(self.backbone, self.projector, x), dim=1)
 
     @torch.no_grad()
     def _key(self, x: Tensor) -> Tensor:
-        def encoder(v: Tensor) -> Tensor:
-            return self.teacher_projector(self.teacher_backbone(v))
-
         if world_size() > 1:
             shuffled, perm = shuffle_across_processes(x)
-            k = unshuffle_across_processes(encoder(shuffled), perm)
+            k = unshuffle_across_processes(self.teacher_projector(self.teacher_backbone(shuffled)), perm)
         else:
-            k = self._grouped(encoder, x, torch.randperm(x.shape[0], device=x.device))
+            order = torch.randperm(x.shape[0], device=x.device)
+            k = self._grouped(self.teacher_backbone, self.teacher_projector, x, order)
         return F.normalize(k.float(), dim=1)
 
     def mixing_at(self, step: StepInfo) -> bool:
