@@ -1,6 +1,6 @@
 """CMC: the view splits (L vs ab, top vs bottom), half-width encoders and the concatenated
-representation, the cross-view NCE and in-batch losses against float64 formulas, the banks'
-update in on_step_end, bad view splits, and learning on digits."""
+representation, the cross-view NCE, full-bank softmax and in-batch losses against float64
+formulas, the banks' update in on_step_end, bad view splits, and learning on digits."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from selfsup.registry import BACKBONES
 from selfsup.transforms.color import rgb_to_lab
 from tests.conftest import tiny_config
 from tests.methods.test_instdisc import ref_nce
+from tests.methods.test_instdisc_softmax import ref_softmax
 from tests.multiprocess import results_on_ranks
 
 N, M, T = 30, 5, 0.07
@@ -135,6 +136,26 @@ def test_in_batch_objective_is_infonce_in_both_directions() -> None:
 
     assert float(out["loss"].detach()) == pytest.approx(ce(z1, z2) + ce(z2, z1), rel=1e-5)
     assert not hasattr(method, "bank1")
+
+
+def test_softmax_objective_is_the_exact_softmax_over_the_other_views_bank() -> None:
+    method = make(1, objective="softmax", chunk_size=7)  # 30 rows in 5 chunks
+    g = torch.Generator().manual_seed(4)
+    x, index = torch.randn(6, 1, 16, 16, generator=g), torch.randperm(N, generator=g)[:6]
+    bank1, bank2 = method.bank1.bank.clone(), method.bank2.bank.clone()
+    out = method.training_step(Batch(views=[x], index=index), INFO)
+    with torch.no_grad():
+        z1, z2 = method.embeddings(x)
+    # -log [exp(z . bank[i] / T) / sum_j exp(z . bank[j] / T)], view 1 vs bank 2 and view 2 vs bank 1.
+    expected = ref_softmax(z1, bank2, index, T) + ref_softmax(z2, bank1, index, T)
+    assert float(out["loss"].detach()) == pytest.approx(expected, rel=1e-5)
+    assert "z_log" not in method.state_dict()
+    method.on_step_end(INFO, {k: v.detach() for k, v in out.items() if v.ndim > 0})
+    for bank, before, z in ((method.bank1.bank, bank1, z1), (method.bank2.bank, bank2, z2)):
+        expected_rows = F.normalize(0.5 * before[index].double() + 0.5 * z.double(), dim=1)
+        torch.testing.assert_close(bank[index].double(), expected_rows, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ConfigError, match="objective.*'softmax'"):
+        make(1, objective="full")
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from selfsup.losses.clustering import deepcluster_loss, swav_loss
 from selfsup.losses.colorization import rebalanced_soft_cross_entropy
 from selfsup.losses.contrastive import info_nce, moco_v3_loss, nt_xent
 from selfsup.losses.distillation import (
+    cross_view_cross_entropy,
     dino_center_update,
     dino_loss,
     ibot_patch_loss,
@@ -18,6 +19,7 @@ from selfsup.losses.hard_negatives import MixingDraw, draw_mixing, mix_hard_nega
 from selfsup.losses.instance import invaspread_loss
 from selfsup.losses.masked import masked_l1, masked_mse
 from selfsup.losses.metric import (
+    bank_softmax_loss,
     contrastive_pair_loss,
     lifted_structured_loss,
     n_pair_loss,
@@ -34,6 +36,7 @@ from selfsup.losses.pretext import pretext_classification
 __all__ = [
     "CLIP_INIT_LOGIT_SCALE",
     "MixingDraw",
+    "bank_softmax_loss",
     "barlow_twins_loss",
     "byol_loss",
     "cae_alignment_loss",
@@ -41,6 +44,7 @@ __all__ = [
     "clip_loss",
     "contrastive_pair_loss",
     "cpc_loss",
+    "cross_view_cross_entropy",
     "data2vec_loss",
     "data2vec_targets",
     "deepcluster_loss",

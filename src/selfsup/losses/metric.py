@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +138,71 @@ def nce_loss(scores_data: Tensor, scores_noise: Tensor, log_noise_prob: float) -
     data_term = F.softplus(-(scores_data - shift))
     noise_term = F.softplus(scores_noise - shift).sum(dim=1)
     return (data_term + noise_term).mean()
+
+
+class _ChunkedBankSoftmax(torch.autograd.Function):
+    """Mean of ``logsumexp_j(f . v_j / T) - f . v_i / T`` over a bank scored chunk by chunk.
+
+    The forward keeps only the per-row log-normaliser ``(B,)``; the backward scores the bank
+    again chunk by chunk, so no ``(B, N)`` tensor outlives a chunk (ImageNet: 1.28M rows).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, features: Tensor, bank: Tensor, index: Tensor, temperature: float, chunk_size: int) -> Tensor:
+        scaled = features / temperature  # 1/T folded into the (B, D) side: no pass over (B, N)
+        lse = features.new_full((features.shape[0],), float("-inf"))
+        for start in range(0, bank.shape[0], chunk_size):
+            lse = torch.logaddexp(lse, torch.logsumexp(scaled @ bank[start : start + chunk_size].T, dim=1))
+        positive = (scaled * bank[index]).sum(dim=1)
+        ctx.save_for_backward(features, bank, index, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return (lse - positive).mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        features, bank, index, lse = ctx.saved_tensors
+        t, chunk = ctx.temperature, ctx.chunk_size
+        # d/df [logsumexp_j(f.v_j/T) - f.v_i/T] = (sum_j p_j v_j - v_i) / T.
+        scaled = features / t
+        expected = torch.zeros_like(features)
+        for start in range(0, bank.shape[0], chunk):
+            rows = bank[start : start + chunk]
+            expected += torch.exp(scaled @ rows.T - lse[:, None]) @ rows
+        grad_features = (expected - bank[index]) * (grad / (t * features.shape[0]))
+        return grad_features, None, None, None, None
+
+
+@full_precision
+def bank_softmax_loss(
+    features: Tensor, bank: Tensor, index: Tensor, temperature: float = 0.07, chunk_size: int = 65536
+) -> Tensor:
+    """Compute InstDisc's non-parametric softmax cross-entropy of ``features (B, D)`` over a
+    whole memory bank ``(N, D)``, the positive of row ``b`` being bank row ``index[b]``.
+
+    ``P(i | f) = exp(v_i . f / T) / sum_{j=1..N} exp(v_j . f / T)`` (eq. 2 of the paper) and
+    the loss is ``-mean_b log P(index_b | f_b)``. ``v_i`` is the bank's (last step's) entry of
+    the image itself, not its current feature, as in the authors' code (``LinearAverage``:
+    the current features score every bank row, cross-entropy with the sample's index). The
+    bank is a constant (no gradient): it is updated by momentum after the step. Features and
+    bank rows are used as given (normalise them beforehand). With ``N > chunk_size`` the
+    bank is scored in chunks of ``chunk_size`` rows in the forward and again in the backward,
+    so memory stays at ``B * chunk_size`` scores; otherwise in one ``(B, N)`` product.
+
+    References: Wu, Xiong, Yu & Lin 2018, "Unsupervised Feature Learning via Non-Parametric
+    Instance Discrimination", arXiv:1805.01978 (eq. 2, T = 0.07).
+    """
+    if features.ndim != 2 or bank.ndim != 2 or features.shape[1] != bank.shape[1]:
+        raise ValueError(f"expected features (B, D) and bank (N, D); got {tuple(features.shape)}, {tuple(bank.shape)}")
+    if index.shape != features.shape[:1]:
+        raise ValueError(f"expected index ({features.shape[0]},), got {tuple(index.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    bank = bank.detach().to(features.dtype)
+    index = index.to(features.device, torch.long)
+    if bank.shape[0] <= chunk_size:
+        return F.cross_entropy((features / temperature) @ bank.T, index)
+    loss: Tensor = _ChunkedBankSoftmax.apply(features, bank, index, temperature, chunk_size)
+    return loss
 
 
 @full_precision

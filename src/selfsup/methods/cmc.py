@@ -10,7 +10,9 @@ Pseudocode (section 3 of the paper, two views ``V1, V2`` of each image, e.g. L a
     # main (section 3.2 "memory bank + NCE"): each view's feature is scored against the other
     # view's bank: positive = bank2[i], m noise rows drawn uniformly, T = 0.07, Z estimated
     L = NCE(z1; bank2) + NCE(z2; bank1)
-    # option ("in-batch", the full softmax over the batch): L = InfoNCE(z1, z2) + InfoNCE(z2, z1)
+    # option "softmax": the exact softmax over the other view's whole bank instead of NCE,
+    #   L = -log softmax_j(z1 . bank2[j] / T)[i] - log softmax_j(z2 . bank1[j] / T)[i]
+    # option "infonce" (in-batch, no banks): L = InfoNCE(z1, z2) + InfoNCE(z2, z1)
     bank_k[i] <- normalize(0.5 bank_k[i] + 0.5 z_k)  # after the step (on_step_end)
     representation = concat(f1(v1), f2(v2))         # what is evaluated
 
@@ -46,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.errors import ConfigError
-from selfsup.losses import info_nce, nce_loss
+from selfsup.losses import bank_softmax_loss, info_nce, nce_loss
 from selfsup.methods.base import Batch, Method, StepInfo, StepOutputs
 from selfsup.methods.instdisc import bank_scores, check_index, estimate_log_z
 from selfsup.monitors import feature_std_tensor
@@ -159,13 +161,18 @@ class CMC(Method):
         views: ``"auto"``, ``"lab"`` (L vs ab, the paper's) or ``"halves"`` (top vs bottom).
         encoder: optional registry spec of each view's encoder (default: half-width ConvNet).
         feat_dim: embedding width (paper: 128).
-        objective: ``"nce"`` (memory banks and NCE, the paper's main) or ``"infonce"`` (in-batch
-            softmax over the other view's embeddings, both directions; gathered across processes).
+        objective: ``"nce"`` (memory banks and NCE, the paper's main), ``"softmax"`` (memory
+            banks, softmax cross-entropy over all ``N`` rows of the other view's bank: the limit
+            of the authors' later ``NCESoftmaxLoss``, which scores the positive and ``K``
+            sampled rows) or
+            ``"infonce"`` (in-batch softmax over the other view's embeddings, both directions;
+            gathered across processes).
         temperature: ``T`` (paper: 0.07).
         num_negatives: noise samples ``m`` per image and view for NCE (paper: 4096 on STL-10,
             16384 on ImageNet).
         bank_momentum: bank update momentum (paper: 0.5, as InstDisc).
         z_estimate: ``"first_batch"`` (paper) or ``"per_batch"`` (see ``selfsup.methods.instdisc``).
+        chunk_size: bank rows scored at once by ``"softmax"`` (memory ``B * chunk_size``).
 
     Forward: one view ``(B, C, H, W)`` split in two; embeddings ``(B, feat_dim)`` per view.
     """
@@ -193,10 +200,15 @@ class CMC(Method):
         num_negatives: int = 4096,
         bank_momentum: float = 0.5,
         z_estimate: str = "first_batch",
+        chunk_size: int = 65536,
     ) -> None:
         super().__init__()
-        if objective not in ("nce", "infonce"):
-            raise ConfigError(f"method.objective must be 'nce' (paper's main) or 'infonce', got {objective!r}")
+        if objective not in ("nce", "softmax", "infonce"):
+            raise ConfigError(
+                f"method.objective must be 'nce' (paper's main), 'softmax' or 'infonce', got {objective!r}"
+            )
+        if chunk_size < 1:
+            raise ConfigError(f"method.chunk_size must be >= 1 (bank rows scored at once), got {chunk_size}")
         if z_estimate not in ("first_batch", "per_batch"):
             raise ConfigError(f"method.z_estimate must be 'first_batch' (paper) or 'per_batch', got {z_estimate!r}")
         split = resolve_views(views, in_channels)
@@ -223,9 +235,11 @@ class CMC(Method):
         self.bank_momentum = bank_momentum
         self.z_estimate = z_estimate
         self.num_samples = num_samples
-        if objective == "nce":
+        self.chunk_size = chunk_size
+        if objective in ("nce", "softmax"):
             self.bank1 = IndexMemoryBank(num_samples, feat_dim)
             self.bank2 = IndexMemoryBank(num_samples, feat_dim)
+        if objective == "nce":
             # log Z of each view's NCE (against bank2, against bank1); -inf until estimated.
             self.register_buffer("z_log", torch.full((2,), float("-inf")))
 
@@ -264,6 +278,13 @@ class CMC(Method):
             return outputs
         check_index(batch.index, x.shape[0], self.num_samples, "cmc")
         index = batch.index.to(z1.device, torch.long)
+        banked = dict(features1=z1.detach(), features2=z2.detach(), index=index)
+        if self.objective == "softmax":
+            # Each view against the other view's whole bank; the positive is bank2[i] / bank1[i].
+            ce12 = bank_softmax_loss(z1, self.bank2.bank, index, self.temperature, self.chunk_size)
+            ce21 = bank_softmax_loss(z2, self.bank1.bank, index, self.temperature, self.chunk_size)
+            outputs.update(loss=ce12 + ce21, softmax_12=ce12.detach(), softmax_21=ce21.detach(), **banked)
+            return outputs
         noise = self.noise_index(x.shape[0], z1.device)
         fixed = self.z_estimated and self.z_estimate == "first_batch"
         losses, z_logs = [], []
@@ -280,18 +301,16 @@ class CMC(Method):
             loss=losses[0] + losses[1],
             nce_12=losses[0].detach(),
             nce_21=losses[1].detach(),
-            features1=z1.detach(),
-            features2=z2.detach(),
-            index=index,
+            **banked,
             z_log=torch.cat(z_logs).repeat(x.shape[0], 1),
         )
         return outputs
 
     def on_step_end(self, step: StepInfo, outputs: StepOutputs) -> None:
-        if self.objective != "nce":
+        if self.objective == "infonce":
             return
         # Z and the banks change only here, after the optimiser step.
-        if not self.z_estimated or self.z_estimate == "per_batch":
+        if self.objective == "nce" and (not self.z_estimated or self.z_estimate == "per_batch"):
             self.z_log.copy_(outputs["z_log"][0])
         self.bank1.update(outputs["index"], outputs["features1"], momentum=self.bank_momentum)
         self.bank2.update(outputs["index"], outputs["features2"], momentum=self.bank_momentum)

@@ -2,8 +2,8 @@
 
 Importing this package registers the view recipes in ``selfsup.registry.VIEW_RECIPES``:
 ``two_views`` (SimCLR, MoCo v2, SimSiam, Barlow Twins), ``asymmetric`` (BYOL),
-``multi_crop`` (SwAV, DINO), ``single_view`` (linear probe, fine-tuning, pretext tasks) and
-``eval`` (deterministic feature extraction).
+``multi_crop`` (SwAV, DINO), ``infomin`` (InfoMin Aug with RandAugment), ``single_view``
+(linear probe, fine-tuning, pretext tasks) and ``eval`` (deterministic feature extraction).
 """
 
 from __future__ import annotations

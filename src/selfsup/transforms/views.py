@@ -33,6 +33,7 @@ from selfsup.transforms.ops import (
     blur_kernel_size,
     to_float,
 )
+from selfsup.transforms.randaugment import RAND_AUGMENT_OPS, RandAugment
 
 __all__ = [
     "ViewGroup",
@@ -43,6 +44,7 @@ __all__ = [
     "single_view",
     "two_views",
     "asymmetric",
+    "infomin",
 ]
 
 
@@ -305,6 +307,82 @@ def asymmetric(
         num_views=2,
     )
     return ViewRecipe([ViewGroup(pipeline, 2, image_size)], in_channels, num_global_views=2)
+
+
+@VIEW_RECIPES.register("infomin")
+def infomin(
+    image_size: int,
+    in_channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    crop_scale: tuple[float, float] = (0.2, 1.0),
+    crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    flip_p: float = 0.5,
+    brightness: float = 0.8,
+    contrast: float = 0.8,
+    saturation: float = 0.8,
+    hue: float = 0.2,
+    color_jitter_p: float = 0.8,
+    blur_p: float = 0.5,
+    blur_sigma: tuple[float, float] = (0.1, 2.0),
+    rand_augment_layers: int = 2,
+    rand_augment_magnitude: float = 10.0,
+    rand_augment_magnitude_std: float = 0.5,
+    rand_augment_p: float = 0.5,
+    rand_augment_ops: Sequence[str] | None = None,
+    grayscale_p: float = 0.2,
+) -> ViewRecipe:
+    """Two views from InfoMin's augmentation ("InfoMin Aug"), in the authors' order.
+
+    Random resized crop (scale (0.2, 1): the authors' value with a MoCo queue, 0.08 with a
+    memory bank) and flip 0.5; colour jitter (0.8, 0.8, 0.8, 0.2) with p 0.8; Gaussian blur
+    with p 0.5, sigma in [0.1, 2] (kernel 10% of the side: 22 -> 23 px at 224, none under
+    20 px); RandAugment with 2 ops per image drawn from 15, each applied with p 0.5 at
+    magnitude N(10, 0.5) (``selfsup.transforms.randaugment``); random grayscale 0.2; then
+    normalisation. For one channel, saturation, hue, grayscale and RandAugment's ``color``
+    change nothing and are left out or are identities.
+
+    Not in this recipe: the JigSaw branch of the authors' InfoMin model (a PIRL-style second
+    objective on 3x3 tile crops, a method rather than a view) and the YDbDr colour split used
+    by their CMC variants. Geometric RandAugment ops shear about the centre, not PIL's corner.
+
+    Shapes:
+        ``(B, C, H, W) -> 2 x (B, C, image_size, image_size)``.
+
+    References:
+        Tian, Sun, Poole, Krishnan, Schmid & Isola, "What Makes for Good Views for Contrastive
+        Learning?", arXiv:2005.10243 (InfoMin Aug; code: PyContrast's augmentation "D");
+        Cubuk et al., "RandAugment", arXiv:1909.13719.
+    """
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels}")
+    if len(mean) not in (1, in_channels) or len(std) != len(mean):
+        raise ValueError(f"mean/std need 1 or {in_channels} entries each, got {list(mean)} and {list(std)}")
+    rgb = in_channels == 3
+    ops: list[nn.Module] = [RandomResizedCropFlip(image_size, crop_scale, crop_ratio, flip_p, num_views=2)]
+    # The crop's output is a fresh tensor owned here: the intensity ops may overwrite it.
+    jitter = (brightness, contrast, saturation if rgb else 0.0, hue if rgb else 0.0)
+    if color_jitter_p > 0 and any(m > 0 for m in jitter):
+        ops.append(RandomColorJitter(*jitter, p=color_jitter_p, inplace=True))
+    kernel = blur_kernel_size(image_size)
+    if kernel and blur_p > 0:
+        ops.append(RandomGaussianBlur(kernel, blur_sigma, blur_p, inplace=True))
+    if rand_augment_layers > 0 and rand_augment_p > 0:
+        ops.append(
+            RandAugment(
+                rand_augment_layers,
+                rand_augment_magnitude,
+                rand_augment_magnitude_std,
+                rand_augment_p,
+                fill=tuple(mean),  # the authors fill with the dataset mean
+                ops=RAND_AUGMENT_OPS if rand_augment_ops is None else tuple(rand_augment_ops),
+            )
+        )
+    if rgb and grayscale_p > 0:
+        ops.append(RandomGrayscale(grayscale_p, inplace=True))
+    ops.append(Normalize(mean, std, inplace=True))
+    return ViewRecipe([ViewGroup(nn.Sequential(*ops), 2, image_size)], in_channels, num_global_views=2)
 
 
 @VIEW_RECIPES.register("multi_crop")
