@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from selfsup.nn.backbones.convnet import ConvNet
+from selfsup.nn.backbones.protocol import feature_dim, feature_map, feature_map_dim
 from selfsup.nn.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from selfsup.registry import BACKBONES
 
@@ -216,3 +217,28 @@ def test_feature_map_is_the_spatial_features_before_pooling() -> None:
             torch.testing.assert_close(fmap.flatten(2).transpose(1, 2), tokens)
         else:
             torch.testing.assert_close(fmap.mean(dim=(-2, -1)), backbone(x))
+
+
+def test_convnet_out_grid_flattens_the_averaged_cells_channel_major() -> None:
+    """out_grid=g: each channel's map averaged over a g x g grid of cells, channel-major."""
+    torch.manual_seed(0)
+    net = ConvNet(in_channels=1, width=4, depth=2, out_grid=2).eval()
+    x = torch.randn(3, 1, 16, 16)
+    fmap = net.forward_features(x)  # (3, 8, 4, 4): 16 -> 8 (stem) -> 4 (pool)
+    assert fmap.shape == (3, 8, 4, 4)
+    # Independent computation: the mean of each 2x2 block of the 4x4 map, in plain loops.
+    expected = torch.empty(3, 8, 2, 2)
+    for i in range(2):
+        for j in range(2):
+            expected[:, :, i, j] = fmap[:, :, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean(dim=(-2, -1))
+    out = net(x)
+    assert feature_dim(net) == 32 and feature_map_dim(net) == 8
+    assert out.shape == (3, 32)
+    torch.testing.assert_close(out, expected.reshape(3, 32))
+    assert feature_map(net, x).shape[1] == feature_map_dim(net)
+    # No weights of its own: a state dict loads across read-outs, and out_grid=1 is the global mean.
+    flat = ConvNet(in_channels=1, width=4, depth=2, out_grid=1).eval()
+    flat.load_state_dict(net.state_dict())
+    torch.testing.assert_close(flat(x), fmap.mean(dim=(-2, -1)))
+    with pytest.raises(ValueError, match="out_grid"):
+        ConvNet(out_grid=0)

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from selfsup.errors import ConfigError
 from selfsup.losses import rebalanced_soft_cross_entropy
 from selfsup.methods.base import Batch, Method, StepInfo, StepOutputs
-from selfsup.nn.backbones.protocol import feature_dim, feature_map
+from selfsup.nn.backbones.protocol import feature_dim, feature_map, feature_map_dim
 from selfsup.nn.distributed import all_reduce_sum
 from selfsup.registry import METHODS
 from selfsup.transforms.color import (
@@ -77,6 +77,7 @@ class LightnessEncoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.num_features = feature_dim(backbone)
+        self.map_channels = feature_map_dim(backbone)
         # Not persistent: the data set's normalisation, recorded in the file's metadata.
         for name, value in (("mean", mean), ("std", std)):
             tensor = torch.as_tensor(value, dtype=torch.float32).detach().clone().view(1, -1, 1, 1)
@@ -163,7 +164,7 @@ class Colorization(Method):
         self.rebalance = rebalance
         self.temperature = temperature
         bins = ab_gamut_bins()
-        dim = feature_dim(backbone)
+        dim = feature_map_dim(backbone)
         self.color_head = nn.Sequential(
             nn.Conv2d(dim, hidden_dim, 3, padding=1, bias=False),
             nn.BatchNorm2d(hidden_dim),

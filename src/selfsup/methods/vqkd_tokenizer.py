@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from selfsup.methods.base import Batch, Method, StepInfo, StepOutputs, check_token_backbone
 from selfsup.methods.vq_tokenizer import Tokenizer
-from selfsup.nn.backbones.protocol import as_token_backbone, feature_dim, feature_map
+from selfsup.nn.backbones.protocol import as_token_backbone, feature_dim, feature_map, feature_map_dim
 from selfsup.nn.backbones.vit import Block, sincos_pos_embed_2d
 from selfsup.nn.quantizer import VectorQuantizer
 from selfsup.registry import METHODS
@@ -170,7 +170,7 @@ class VQKDTokenizerMethod(Method):
             decoder_embed_dim or width,
             decoder_depth,
             decoder_num_heads,
-            feature_dim(teacher),
+            feature_map_dim(teacher),
         )
         # What rebuilds the tokenizer from a run's backbone.safetensors (``build_embedder``).
         self._spec = {

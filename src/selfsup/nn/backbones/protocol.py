@@ -19,7 +19,7 @@ from typing import Protocol, SupportsInt, cast
 
 from torch import Tensor, nn
 
-__all__ = ["TokenBackbone", "as_token_backbone", "feature_dim", "feature_map"]
+__all__ = ["TokenBackbone", "as_token_backbone", "feature_dim", "feature_map", "feature_map_dim"]
 
 
 def feature_dim(backbone: nn.Module) -> int:
@@ -28,6 +28,16 @@ def feature_dim(backbone: nn.Module) -> int:
     Raises ``AttributeError`` when the backbone declares no ``num_features``.
     """
     return int(cast(SupportsInt, backbone.num_features))
+
+
+def feature_map_dim(backbone: nn.Module) -> int:
+    """The channel count ``D`` of :func:`feature_map`'s `(B, D, h, w)` output.
+
+    Equals :func:`feature_dim` unless the backbone pools to a grid (a ConvNet with
+    ``out_grid > 1`` declares ``map_channels``).
+    """
+    channels = getattr(backbone, "map_channels", None)
+    return feature_dim(backbone) if channels is None else int(cast(SupportsInt, channels))
 
 
 class TokenBackbone(Protocol):
@@ -68,7 +78,8 @@ def feature_map(backbone: nn.Module, x: Tensor) -> Tensor:
 
     ConvNets and ResNets give their last stage before global pooling (``forward_features``);
     a ViT gives its normed patch tokens (class token dropped) laid back on the patch grid, so
-    ``h, w = H / patch_size, W / patch_size``. ``D`` is ``num_features`` in both cases.
+    ``h, w = H / patch_size, W / patch_size``. ``D`` is :func:`feature_map_dim`
+    (``num_features`` unless a ConvNet pools to a grid).
 
     Raises ``TypeError`` for a backbone with neither API (e.g. a timm wrapper).
     """
