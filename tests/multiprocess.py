@@ -29,3 +29,28 @@ def results_on_ranks(fn: Callable[[int], Any], world: int, tmp: Path) -> list[An
     ``fn`` must be a module-level function (it is pickled into the spawned processes)."""
     mp.spawn(_rank_main, args=(fn, world, str(tmp / "store"), str(tmp)), nprocs=world, join=True)
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def assert_ranks_equal_one_process(
+    ranks: list[dict[str, Any]],
+    ref: dict[str, Any],
+    *,
+    mean_keys: tuple[str, ...] = ("loss",),
+    state_keys: tuple[str, ...] = (),
+) -> None:
+    """The "2 processes x B = 1 process x 2B" check on what ``results_on_ranks`` returned and
+    what the same function computed on one process (``ref``): the ranks' mean of each
+    ``mean_keys`` scalar (the loss) equals the one-process value, every rank's ``grads``
+    (after DDP's averaging) equal the one-process gradients, and every rank's ``state_keys``
+    (a tensor or a list of tensors: banks, queues, ``Z``) equal the one-process state."""
+    world = len(ranks)
+    for key in mean_keys:
+        torch.testing.assert_close(sum(o[key] for o in ranks) / world, ref[key], rtol=1e-5, atol=1e-6)
+    for out in ranks:
+        for got, want in zip(out["grads"], ref["grads"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for key in state_keys:
+            got_state = out[key] if isinstance(out[key], (list, tuple)) else [out[key]]
+            want_state = ref[key] if isinstance(ref[key], (list, tuple)) else [ref[key]]
+            for got, want in zip(got_state, want_state, strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
