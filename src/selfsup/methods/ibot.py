@@ -32,7 +32,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from selfsup.losses import dino_center_update, koleo_loss, masked_patch_cross_entropy, swav_loss
+from selfsup.losses import cross_view_cross_entropy, dino_center_update, koleo_loss, masked_patch_cross_entropy
 from selfsup.methods.base import Batch, Method, StepInfo, StepOutputs, check_token_backbone
 from selfsup.methods.dino import DINOHead, _entropy, teacher_distributions
 from selfsup.nn.backbones.protocol import as_token_backbone, feature_dim
@@ -268,7 +268,7 @@ class IBOT(Method):
         cls_tokens = [tokens[:, 0]]
         if len(views) > g:  # local crops: unmasked, class token only, one call per size
             cls_tokens.append(encode_by_resolution(lambda x: vit.forward_tokens(x)[:, 0], views[g:]))
-        student_cls = cls_head(torch.cat(cls_tokens)).chunk(len(views))
+        student_cls = cls_head(torch.cat(cls_tokens))  # (V * B, K), view-major
         student_patch = patch_head(tokens[:, 1:][mask])  # (M, K) at the masked positions only
         with torch.no_grad():
             t_tokens = teacher.forward_tokens(global_crops)
@@ -281,7 +281,8 @@ class IBOT(Method):
             cls_targets = self.targets(teacher_cls, self.center, step["teacher_temp"])
             patch_targets = self.targets(teacher_patch, self.patch_center, step["teacher_patch_temp"])
 
-        cls_loss = swav_loss(student_cls, cls_targets.chunk(g), temperature=self.student_temp)
+        # DINO's cross-view loss: every student view against every other global crop's target.
+        cls_loss = cross_view_cross_entropy(student_cls, cls_targets, len(views), temperature=self.student_temp)
         patch_loss = masked_patch_cross_entropy(student_patch, patch_targets, mask, self.student_temp)
         loss = self.cls_weight * cls_loss + self.patch_weight * patch_loss
         outputs = {
