@@ -143,6 +143,7 @@ def test_held_out_combinations_absent_from_train_present_in_test() -> None:
         ({"max_objects": 9}, "max_objects"),
         ({"num_train": 0}, "num_train"),
         ({"noise": -1}, "noise"),
+        ({"color_by_shape": 1.5}, "color_by_shape"),
         ({"bogus": 1}, "bogus"),
     ],
 )
@@ -168,3 +169,25 @@ def test_hold_out_fallback_when_redraws_rarely_succeed() -> None:
     everything = [f"{size} {shape}" for shape in SHAPES for size in SIZES]
     with pytest.raises(DataError, match="hold_out"):
         build_data("scenes", num_train=20, num_test=5, hold_out=everything)
+
+
+def test_color_by_shape_ties_colour_to_shape_at_the_given_rate() -> None:
+    """color_by_shape=p: an object has its shape's own colour (shape k -> COLORS[k]) with
+    probability p + (1 - p) / 8; everything but the colour is the same scene; p=0 is the default."""
+    idx = torch.arange(400)
+    plain = render_scenes(idx, seed=2, max_objects=4)
+    default = render_scenes(idx, seed=2, max_objects=4, color_by_shape=0.0)
+    assert torch.equal(plain["images"], default["images"])
+    for p in (1.0, 0.7):
+        tied = render_scenes(idx, seed=2, max_objects=4, color_by_shape=p)
+        present = plain["objects"][..., 0] >= 0
+        same = tied["objects"][..., [0, 2, 3]] == plain["objects"][..., [0, 2, 3]]
+        assert bool(same.all()) and torch.equal(tied["positions"], plain["positions"])
+        o = tied["objects"][present]
+        own = (o[:, 1] == o[:, 0]).float().mean().item()
+        expected = p + (1 - p) / len(COLORS)
+        assert abs(own - expected) < 0.05, (p, own, expected)
+    # Held-out combinations still never occur when the tie would produce them.
+    splits = build_data("scenes", num_train=200, num_test=50, color_by_shape=1.0, hold_out=["red circle"])
+    o = splits.train.objects  # type: ignore[attr-defined]
+    assert int(((o[..., 0] == SHAPES.index("circle")) & (o[..., 1] == COLORS.index("red"))).sum()) == 0

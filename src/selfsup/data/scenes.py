@@ -148,10 +148,21 @@ def _held_out(attrs: Tensor, table: Tensor) -> Tensor:
     return match.all(-1).any(-1)
 
 
-def _draw_attributes(keys: Tensor, j: int, attempt: int) -> Tensor:
+def _tie_colour_to_shape(attrs: Tensor, u: Tensor, color_by_shape: float) -> Tensor:
+    """``attrs`` ``(B, 4)`` with the colour replaced by the shape's own colour (shape ``k`` ->
+    ``COLORS[k]``: circle red, square green, triangle blue, cross yellow, star purple) where
+    the uniform ``u`` ``(B,)`` is below ``color_by_shape``."""
+    if color_by_shape <= 0:
+        return attrs
+    colour = torch.where(u < color_by_shape, attrs[:, 0], attrs[:, 1])
+    return torch.stack([attrs[:, 0], colour, attrs[:, 2], attrs[:, 3]], 1)
+
+
+def _draw_attributes(keys: Tensor, j: int, attempt: int, color_by_shape: float = 0.0) -> Tensor:
     """``(B, 4)`` int64 ``[shape, colour, texture, size]`` of object ``j`` (draw ``attempt``)."""
     base = _OBJ + 16 * j + _RETRY * attempt
-    return torch.stack([_choice(keys, base + f, len(v)) for f, v in enumerate(_FIELDS)], 1)
+    attrs = torch.stack([_choice(keys, base + f, len(v)) for f, v in enumerate(_FIELDS)], 1)
+    return _tie_colour_to_shape(attrs, _uniform(keys, base + 8), color_by_shape)
 
 
 def _shape_masks(shape: Tensor, px: Tensor, py: Tensor) -> Tensor:
@@ -197,6 +208,7 @@ def render_scenes(
     max_objects: int = 3,
     noise: float = 10.0,
     hold_out: Tensor | None = None,
+    color_by_shape: float = 0.0,
 ) -> dict[str, Tensor]:
     """Render the scenes of ``indices`` (any order, any batching gives the same scenes).
 
@@ -209,6 +221,9 @@ def render_scenes(
         noise: amplitude of the uniform per-pixel noise, in 0..255 units.
         hold_out: ``(M, 4)`` table from :func:`parse_hold_out`; matching objects are redrawn
             (a few attempts, then one attribute at a time is stepped until none matches).
+        color_by_shape: probability that an object takes its shape's own colour instead of
+            a uniformly drawn one (0: colour independent of shape). On natural images colour
+            follows content; this gives colour prediction (colorization) something to learn.
 
     Returns:
         ``images`` uint8 ``(B, 3, S, S)``, ``masks`` and ``instance_masks`` uint8 ``(B, S, S)``,
@@ -250,11 +265,12 @@ def render_scenes(
     tint = 0.55
     for j in range(k):
         attrs = torch.stack([pick(_OBJ + 16 * j + f, len(v)) for f, v in enumerate(_FIELDS)], 1)
+        attrs = _tie_colour_to_shape(attrs, u(_OBJ + 16 * j + 8), color_by_shape)
         for attempt in range(1, 9):
             bad = _held_out(attrs, table)
             if not bool(bad.any()):
                 break
-            attrs = torch.where(bad.unsqueeze(1), _draw_attributes(keys, j, attempt), attrs)
+            attrs = torch.where(bad.unsqueeze(1), _draw_attributes(keys, j, attempt, color_by_shape), attrs)
         # Still held out after the re-draws (rare): step one attribute at a time.
         for field, values in enumerate(_FIELDS):
             for _ in range(len(values)):
@@ -427,6 +443,7 @@ def generate_scenes(
     max_objects: int = 3,
     noise: float = 10.0,
     hold_out: Tensor | None = None,
+    color_by_shape: float = 0.0,
     chunk: int = 256,
 ) -> ScenesDataset:
     """Scenes ``0..n-1`` of a stream, rendered in chunks of ``chunk`` (bounded scratch memory;
@@ -442,6 +459,7 @@ def generate_scenes(
             max_objects=max_objects,
             noise=noise,
             hold_out=hold_out,
+            color_by_shape=color_by_shape,
         )
         for start in range(0, max(n, 1), chunk)
     ]
@@ -470,6 +488,7 @@ def build_scenes(
     label: str = "shape",
     hold_out: Sequence[str] | None = None,
     noise: float = 10.0,
+    color_by_shape: float = 0.0,
     seed: int = 0,
     limit: int | None = None,
 ) -> DataSplits:
@@ -487,6 +506,9 @@ def build_scenes(
         label: ``"shape"`` (largest object's shape), ``"color"`` or ``"shape_color"``.
         hold_out: attribute combinations absent from train, e.g. ``["green triangle"]``.
         noise: per-pixel noise amplitude (0..255 units).
+        color_by_shape: probability that an object has its shape's own colour (circle red,
+            square green, triangle blue, cross yellow, star purple) rather than a uniformly
+            drawn one; 0 (default) = colour independent of shape. Same in every split.
         seed: seed of the generator; scene ``i`` depends only on ``(seed, split, i)``.
         limit: cap on the scenes of each split: the first ``limit`` (generation is per
             index, so this is the same as a smaller ``num_train``/``num_test``).
@@ -508,6 +530,8 @@ def build_scenes(
         raise DataError(f"label={label!r} is not one of {', '.join(LABELS)}")
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise <= 64:
         raise DataError(f"noise={noise!r} must be a number in [0, 64]")
+    if isinstance(color_by_shape, bool) or not isinstance(color_by_shape, (int, float)) or not 0 <= color_by_shape <= 1:
+        raise DataError(f"color_by_shape={color_by_shape!r} must be a probability in [0, 1]")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise DataError(f"seed={seed!r} must be a non-negative integer")
     table = parse_hold_out(hold_out)
@@ -523,6 +547,7 @@ def build_scenes(
             max_objects=max_objects,
             noise=float(noise),
             hold_out=table if split == 0 else None,
+            color_by_shape=float(color_by_shape),
         )
         for split, num in ((0, num_train), (1, num_test))
     )
