@@ -135,7 +135,13 @@ def _bit_equal(a: Tensor, b: Tensor) -> bool:
 # ---------------------------------------------------------------------------- no sync
 @pytest.mark.parametrize(
     ("name", "optimizer", "clip"),
-    [("simclr", "adamw_fused", 0.0), ("byol", "adamw_fused", 1.0), ("byol", "sgd", 0.0), ("byol", "lars", 0.0)],
+    [
+        ("simclr", "adamw_fused", 0.0),
+        ("byol", "adamw_fused", 1.0),
+        ("byol", "sgd", 0.0),
+        ("byol", "lars", 0.0),
+        ("moco_v2", "sgd", 0.0),  # queue enqueue: the write position stays on the device
+    ],
 )
 def test_the_device_path_step_never_reads_a_tensor_on_the_host(name: str, optimizer: str, clip: float) -> None:
     loop = _loop(name, optimizer, clip_grad=clip)

@@ -70,14 +70,14 @@ class FIFOQueue(nn.Module):
         if n == 0:
             return
         size = self.size
-        ptr = int(self.ptr)
         # Rows that would be overwritten within this same batch are skipped, which also
-        # keeps the scatter free of duplicate indices (non-deterministic on GPU).
+        # keeps the scatter free of duplicate indices (non-deterministic on GPU). The write
+        # position stays on the device (no read of ``ptr``): no host sync in a GPU step.
         skip = max(0, n - size)
-        rows = (ptr + skip + torch.arange(n - skip, device=self.queue.device)) % size
-        self.queue[rows] = keys[skip:]
-        self.ptr.fill_((ptr + n) % size)
-        self.filled.fill_(min(int(self.filled) + n, size))
+        rows = (self.ptr + skip + torch.arange(n - skip, device=self.queue.device)) % size
+        self.queue.index_copy_(0, rows, keys[skip:])
+        self.ptr.copy_((self.ptr + n) % size)
+        self.filled.copy_((self.filled + n).clamp(max=size))
 
     def values(self, only_filled: bool = True) -> Tensor:
         """Return the stored keys, ``(filled, D)`` by default or ``(size, D)`` with init rows.
