@@ -148,7 +148,7 @@ def test_config_file_then_flags() -> None:
     config = str(SCRIPT.parents[1] / "configs" / "simclr" / "fashion_mnist.yaml")
     args = tp.parse_args(["--config", config, "--batch-size", "8", "--set", "method.temperature=0.2"])
     setup = tp.resolve_setup(args, "simclr")
-    assert setup.cfg.backbone == {"name": "convnet", "width": 32}
+    assert setup.cfg.backbone == {"name": "convnet", "width": 32, "out_grid": 2}
     assert (setup.channels, setup.image_size) == (1, 28)
     assert setup.cfg.train.batch_size == 8
     assert setup.cfg.method["proj_hidden_dim"] == 512
