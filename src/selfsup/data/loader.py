@@ -218,12 +218,16 @@ def _reads_batches(dataset: ImageDataset) -> bool:
     return not isinstance(dataset, TensorImageDataset) and callable(getattr(dataset, "get_batch", None))
 
 
-def _check_loader_args(num_workers: int, prefetch: int) -> None:
-    """Raise :class:`DataError` for a negative worker count or a prefetch below 1."""
-    if num_workers < 0:
-        raise DataError(f"num_workers must be >= 0, got {num_workers}")
+def _loader_workers(dataset: ImageDataset, num_workers: int | None, prefetch: int) -> int:
+    """The worker count to use (``None``: :func:`default_num_workers`); raises
+    :class:`DataError` for a negative worker count or a prefetch below 1."""
     if prefetch < 1:
         raise DataError(f"prefetch must be >= 1, got {prefetch}")
+    if num_workers is None:
+        return default_num_workers(dataset)
+    if num_workers < 0:
+        raise DataError(f"num_workers must be >= 0, got {num_workers}")
+    return num_workers
 
 
 def iterate_batches(
@@ -260,9 +264,7 @@ def iterate_batches(
             f"sampler was built for {sampler.num_samples} samples but the dataset has "
             f"{len(dataset)}; build EpochBatchSampler(len(dataset), ...)"
         )
-    if num_workers is None:
-        num_workers = default_num_workers(dataset)
-    _check_loader_args(num_workers, prefetch)
+    num_workers = _loader_workers(dataset, num_workers, prefetch)
     batches = sampler.batches(epoch, start_batch)  # validates start_batch now, not lazily
     if isinstance(dataset, TensorImageDataset):
         return (dataset.get_batch(idx) for idx in batches)
@@ -283,9 +285,7 @@ def iterate_eval(
     """
     if batch_size <= 0:
         raise DataError(f"batch_size must be positive, got {batch_size}")
-    if num_workers is None:
-        num_workers = default_num_workers(dataset)
-    _check_loader_args(num_workers, prefetch)
+    num_workers = _loader_workers(dataset, num_workers, prefetch)
     n = len(dataset)
     if isinstance(dataset, TensorImageDataset):
         return (dataset.get_batch(torch.arange(start, min(start + batch_size, n))) for start in range(0, n, batch_size))
