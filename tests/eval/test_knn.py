@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.eval import knn as knn_module
+from selfsup.eval import neighbors as neighbors_module
 from selfsup.eval.knn import knn_classify, knn_predict
 from selfsup.eval.neighbors import faiss_available
 
@@ -122,7 +123,7 @@ def test_bad_backend_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     y = torch.arange(20) % 2
     with pytest.raises(ValueError, match="backend must be one of"):
         knn_predict(x, y, x, k=3, backend="annoy")
-    monkeypatch.setattr(knn_module, "faiss_available", lambda: False)
+    monkeypatch.setattr(neighbors_module, "faiss_available", lambda: False)  # where the backend is resolved
     with pytest.raises(ValueError, match="pip install faiss-cpu"):
         knn_predict(x, y, x, k=3, backend="faiss")
     assert knn_predict(x, y, x, k=3, backend="auto")[3].shape == (20,)  # falls back to torch

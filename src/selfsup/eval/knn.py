@@ -8,13 +8,12 @@ Properties in Self-Supervised Vision Transformers" (DINO), ICCV 2021 (arXiv:2104
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfsup.eval.neighbors import faiss_available
+from selfsup.eval.neighbors import faiss_index, faiss_search, resolve_backend
 
 __all__ = ["knn_classify", "knn_predict"]
 
@@ -25,20 +24,6 @@ def _as_ks(k: int | Sequence[int]) -> list[int]:
     if not ks or any(not isinstance(v, int) or v < 1 for v in ks):
         raise ValueError(f"k must be a positive int or a non-empty sequence of them, got {k}")
     return sorted(set(ks))
-
-
-BACKENDS = ("auto", "torch", "faiss")
-
-
-def _resolve_backend(backend: str) -> str:
-    """``"faiss"`` or ``"torch"`` for a ``backend`` option; a ValueError names the fix."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "faiss" and not faiss_available():
-        raise ValueError("backend='faiss' but faiss is not installed: pip install faiss-cpu, or use 'torch'")
-    if backend == "auto":
-        return "faiss" if faiss_available() else "torch"
-    return backend
 
 
 def _check_inputs(
@@ -63,7 +48,7 @@ def _check_inputs(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    _resolve_backend(backend)
+    resolve_backend(backend)
 
 
 # Similarities per block: rows x N values (279 rows x 60k train = 64 MB in float32). Fewer rows
@@ -111,31 +96,6 @@ def _grouped_topk(sim: Tensor, k: int, group: int) -> tuple[Tensor, Tensor]:
     return values, columns.gather(1, pos)
 
 
-def _faiss_index(train: Tensor) -> Any:
-    """faiss's exact inner-product index (``IndexFlatIP``) over ``(N, D)`` float32 rows."""
-    import faiss  # the optional `curate` / `dev` extra
-    import numpy as np
-
-    index = faiss.IndexFlatIP(train.shape[1])
-    index.add(np.ascontiguousarray(train.detach().numpy(), dtype=np.float32))
-    return index
-
-
-def _faiss_search(index: Any, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k of ``index`` for ``(C, D)`` float32 queries on ``torch.get_num_threads()``
-    threads: ``(values (C, k) sorted descending, indices (C, k) int64)``."""
-    import faiss
-    import numpy as np
-
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(torch.get_num_threads())
-    try:
-        values, idx = index.search(np.ascontiguousarray(query.detach().numpy(), dtype=np.float32), k)
-    finally:
-        faiss.omp_set_num_threads(threads)
-    return torch.from_numpy(values), torch.from_numpy(idx).long()
-
-
 def _votes(
     sim: Tensor, neighbour_labels: Tensor, ks: list[int], temperature: float, num_classes: int
 ) -> dict[int, Tensor]:
@@ -180,11 +140,11 @@ def _knn_votes(
     train = F.normalize(train_features.to(dtype), dim=1)
     labels = train_labels.to(device=device, dtype=torch.int64)
     k_max = ks[-1]
-    use_faiss = device.type == "cpu" and dtype == torch.float32 and _resolve_backend(backend) == "faiss"
+    use_faiss = device.type == "cpu" and dtype == torch.float32 and resolve_backend(backend) == "faiss"
     n = train.shape[0]
     group = _group_size(n, k_max)
     if use_faiss:
-        index = _faiss_index(train)
+        index = faiss_index(train)
     else:
         # (G * B, D): zero rows pad the training set to whole groups (rows, not a transposed
         # copy: the product reads ``train_pad.T`` as a transposed operand for free).
@@ -195,7 +155,7 @@ def _knn_votes(
         end = min(start + chunk_size, test_features.shape[0])
         query = F.normalize(test_features[start:end].to(device=device, dtype=dtype), dim=1)
         if use_faiss:
-            sim, idx = _faiss_search(index, query, k_max)
+            sim, idx = faiss_search(index, query, k_max)
         else:
             parts = []
             for row in range(0, end - start, rows):

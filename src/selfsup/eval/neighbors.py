@@ -14,6 +14,7 @@ Supervision", arXiv:2304.07193 (sec. 3, automatic data pipeline); Johnson, Douze
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,8 @@ from torch import Tensor
 
 __all__ = [
     "faiss_available",
+    "faiss_index",
+    "faiss_search",
     "knn_search",
     "duplicate_groups",
     "retrieve_neighbors",
@@ -34,13 +37,17 @@ def faiss_available() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
-def _resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str) -> str:
+    """``"faiss"`` or ``"torch"`` for a ``backend`` option (``"auto"``: faiss when installed);
+    a ValueError names the fix."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
         return "faiss" if faiss_available() else "torch"
     if backend == "faiss" and not faiss_available():
-        raise ValueError("backend='faiss' but faiss is not installed: pip install 'selfsup[curate]' or use 'torch'")
+        raise ValueError(
+            "backend='faiss' but faiss is not installed: pip install faiss-cpu (or 'selfsup[curate]'), or use 'torch'"
+        )
     return backend
 
 
@@ -62,14 +69,30 @@ def _torch_search(queries: Tensor, database: Tensor, k: int, chunk_size: int) ->
     return torch.cat(sims_out), torch.cat(idx_out)
 
 
-def _faiss_search(queries: Tensor, database: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    import faiss  # the optional `curate` extra
+def faiss_index(database: Tensor) -> Any:
+    """faiss's exact inner-product index (``IndexFlatIP``: cosine on unit rows) over ``(N, D)``
+    rows, built once and searched by :func:`faiss_search`."""
+    import faiss  # the optional `curate` / `dev` extra
     import numpy as np
 
-    index = faiss.IndexFlatIP(database.shape[1])  # exact inner product = cosine on unit vectors
-    index.add(np.ascontiguousarray(database.cpu().numpy(), dtype=np.float32))
-    sims, idx = index.search(np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32), k)
-    return torch.from_numpy(sims).to(queries.device), torch.from_numpy(idx).long().to(queries.device)
+    index = faiss.IndexFlatIP(database.shape[1])
+    index.add(np.ascontiguousarray(database.detach().cpu().numpy(), dtype=np.float32))
+    return index
+
+
+def faiss_search(index: Any, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of ``index`` for ``(Q, D)`` queries on ``torch.get_num_threads()`` threads:
+    ``(similarities (Q, k) float32 sorted descending, indices (Q, k) int64)`` on the CPU."""
+    import faiss
+    import numpy as np
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    try:
+        sims, idx = index.search(np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32), k)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return torch.from_numpy(sims), torch.from_numpy(idx).long()
 
 
 @torch.no_grad()
@@ -105,8 +128,9 @@ def knn_search(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     q = F.normalize(queries.float(), dim=1)
     db = F.normalize(database.float(), dim=1)
-    if _resolve_backend(backend) == "faiss":
-        sims, idx = _faiss_search(q, db, k)
+    if resolve_backend(backend) == "faiss":
+        sims, idx = faiss_search(faiss_index(db), q, k)
+        sims, idx = sims.to(q.device), idx.to(q.device)
     else:
         sims, idx = _torch_search(q, db, k, chunk_size)
     return _sort_ties(sims, idx)
