@@ -9,6 +9,7 @@ selfsup eval knn runs/simclr-fashion-mnist-20261123-101500
 selfsup eval linear runs/.../checkpoints/last.pt eval.linear_epochs=50
 selfsup eval retrieval runs/... --baselines      # also cluster (k-means), semi (1% / 10% labels)
 selfsup eval zeroshot runs/clip-...                # image-text runs: class-name prompts; retrieval: image<->text
+selfsup eval tokenizer runs/vq_tokenizer-...       # reconstruction error, codebook use; into results.json
 selfsup list methods
 selfsup export runs/simclr-... --format onnx              # also safetensors, torchscript
 selfsup embed runs/simclr-... photos/ -o features/         # features.npy + paths.txt
@@ -147,6 +148,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.protocol == "zeroshot" or (args.protocol == "retrieval" and has_text_side(parts.method)):
         return _image_text(args, cfg, parts, device)
+    if args.protocol == "tokenizer":  # needs no labels
+        return _tokenizer(args, cfg, parts, device)
     if splits.num_classes < 2:
         raise ConfigError(f"dataset {splits.name!r} has no labels to evaluate with")
     if args.protocol == "finetune":
@@ -167,7 +170,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         parts.eval_views,
         cfg.eval,
         device,
-        cfg.train.precision,
+        parts.precision,
         seed=cfg.train.seed,
     )
     if args.protocol == "linear":
@@ -203,7 +206,9 @@ def _finetune(args: argparse.Namespace, cfg: Config, parts: Components, device: 
             train = train.subset(balanced_label_subset(train.labels, e.finetune_label_fraction, cfg.train.seed))
         except ValueError as err:
             raise ConfigError(f"eval.finetune_label_fraction: {err}") from None
-    metrics = finetune_from_config(encoder, parts.method.num_features, train, cfg, splits, parts.eval_views, device)
+    metrics = finetune_from_config(
+        encoder, parts.method.num_features, train, cfg, splits, parts.eval_views, device, parts.precision
+    )
     init = "random init" if args.from_scratch else "pretrained"
     if e.finetune_label_fraction != 1.0:
         init += f", {len(train)} labels"
@@ -217,16 +222,14 @@ def _finetune(args: argparse.Namespace, cfg: Config, parts: Components, device: 
 def _protocol(args: argparse.Namespace, cfg: Config, parts: Components, device: torch.device) -> int:
     """``selfsup eval cluster|retrieval|semi``: the protocols of ``selfsup.engine.protocols``."""
     from selfsup.engine.evaluation import format_table
-    from selfsup.engine.protocols import frozen_protocol_rows, semi_supervised_rows
+    from selfsup.engine.protocols import semi_supervised_rows
 
     splits = parts.splits
     if args.protocol == "semi":
-        rows = semi_supervised_rows(parts.method, cfg, splits, parts.eval_views, device)
+        rows = semi_supervised_rows(parts.method, cfg, splits, parts.eval_views, device, parts.precision)
         title = f"{splits.name} test set, fine-tuning top-1 (%) on a fraction of the labels"
     else:
-        rows = frozen_protocol_rows(
-            args.protocol, parts.method, cfg, splits, parts.eval_views, device, baselines=args.baselines
-        )
+        rows = _frozen_rows(args.protocol, args, cfg, parts, device)
         title = f"{splits.name} test set, {args.protocol} (%)"
     print(format_table(rows, title))
     if args.json:
@@ -234,12 +237,29 @@ def _protocol(args: argparse.Namespace, cfg: Config, parts: Components, device: 
     return 0
 
 
+def _frozen_rows(
+    protocol: str, args: argparse.Namespace, cfg: Config, parts: Components, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """``protocol``'s rows on the run's frozen features (and the baselines with ``--baselines``)."""
+    from selfsup.engine.protocols import frozen_protocol_rows
+
+    return frozen_protocol_rows(
+        protocol,
+        parts.method,
+        cfg,
+        parts.splits,
+        parts.eval_views,
+        device,
+        baselines=args.baselines,
+        precision=parts.precision,
+    )
+
+
 def _image_text(args: argparse.Namespace, cfg: Config, parts: Components, device: torch.device) -> int:
     """``selfsup eval zeroshot|retrieval`` of an image-text run (CLIP): zero-shot top-1 from
     class-name prompts, or image<->text Recall@K (then also the image-to-image retrieval when
     the data set is labelled); the metrics are added to the run's results.json."""
     from selfsup.engine.evaluation import format_table
-    from selfsup.engine.protocols import frozen_protocol_rows
     from selfsup.engine.zeroshot import (
         format_image_text,
         merge_results,
@@ -258,9 +278,7 @@ def _image_text(args: argparse.Namespace, cfg: Config, parts: Components, device
         print(format_image_text(rows, f"{splits.name} test set, image<->text retrieval (%)"))
         print(f"retrieval examples: {png}")
         if splits.num_classes >= 2:
-            frozen = frozen_protocol_rows(
-                "retrieval", parts.method, cfg, splits, parts.eval_views, device, baselines=args.baselines
-            )
+            frozen = _frozen_rows("retrieval", args, cfg, parts, device)
             print(format_table(frozen, f"{splits.name} test set, image retrieval (%)"))
             for name, metrics in frozen.items():
                 rows.setdefault(name, {}).update(metrics)
@@ -270,12 +288,39 @@ def _image_text(args: argparse.Namespace, cfg: Config, parts: Components, device
     return 0
 
 
+def _tokenizer(args: argparse.Namespace, cfg: Config, parts: Components, device: torch.device) -> int:
+    """``selfsup eval tokenizer``: a tokenizer run's reconstruction error and codebook use on the
+    test split, added to the run's row of its results.json (``selfsup report`` tables them)."""
+    from selfsup.engine.evaluation import format_tokenizer_metrics, tokenizer_metrics
+    from selfsup.engine.protocols import encoder_row_names
+    from selfsup.engine.zeroshot import merge_results, run_folder
+
+    splits = parts.splits
+    metrics = tokenizer_metrics(parts.method, splits.test, parts.eval_views, device, cfg.eval.batch_size)
+    if not metrics:
+        raise ConfigError(
+            f"{args.run} is a {cfg.method['name']} run, which is not a visual tokenizer (evaluate "
+            "the runs of vq_tokenizer or vqkd_tokenizer; other runs: selfsup eval knn)"
+        )
+    path = run_folder(args.run) / "results.json"
+    row = encoder_row_names(cfg, parts.method)[0]
+    if path.is_file():  # the run's own row is the first (`selfsup report` reads it there)
+        row = next(iter(json.loads(path.read_text())), row)
+    print(format_tokenizer_metrics(metrics, f"{splits.name} test"))
+    print(f"added to {merge_results(args.run, {row: metrics})}", flush=True)
+    if args.json:
+        print(json.dumps({row: metrics}))
+    return 0
+
+
 def _dense(args: argparse.Namespace, cfg: Config, parts: Components, device: torch.device) -> int:
     """``selfsup eval dense``: a linear segmentation probe on the frozen feature maps (scenes)."""
     from selfsup.engine.dense import dense_rows
     from selfsup.engine.evaluation import format_table
 
-    rows = dense_rows(parts.method, cfg, parts.splits, parts.eval_views, device, baselines=args.baselines)
+    rows = dense_rows(
+        parts.method, cfg, parts.splits, parts.eval_views, device, baselines=args.baselines, precision=parts.precision
+    )
     print(format_table(rows, f"{parts.splits.name} test set, dense linear probe (%)"))
     if args.json:
         print(json.dumps(rows))
@@ -355,6 +400,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
             parts.splits,
             parts.eval_views,
             device,
+            precision=parts.precision,
             student_backbone=student,
             epochs=args.epochs,
             temperature=args.temperature,
@@ -464,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a run's encoder with labels")
     p.add_argument(
-        "protocol", choices=["knn", "linear", "finetune", "cluster", "retrieval", "semi", "dense", "zeroshot"]
+        "protocol",
+        choices=["knn", "linear", "finetune", "cluster", "retrieval", "semi", "dense", "zeroshot", "tokenizer"],
     )
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.knn_k=[10,20]")

@@ -129,7 +129,9 @@ def test_distill_command_writes_the_table_and_refuses_a_class_without_labels(
 def test_distill_rows_default_student_is_the_teachers_architecture(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, "simclr", *V2, "eval.finetune_epochs=1", "eval.semi_fractions=[0.1]")
     parts = build_components(cfg, torch.device("cpu"))
-    rows = distill_rows(parts.method, cfg, parts.splits, parts.eval_views, torch.device("cpu"), epochs=1)
+    rows = distill_rows(
+        parts.method, cfg, parts.splits, parts.eval_views, torch.device("cpu"), precision=parts.precision, epochs=1
+    )
     assert set(rows) == {
         "supervised from scratch (convnet)",
         "simclr (convnet) fine-tuned",

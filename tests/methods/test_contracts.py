@@ -39,6 +39,7 @@ SMALL = {
     "context_length": 16,
     "vocab_size": 300,
     "freeze_last_layer_epochs": 0.0,  # DINO's frozen first epoch gives its last layer no gradient
+    "freeze_prototypes_steps": 0,  # and SwAV's frozen prototypes none either
 }
 NUM_SAMPLES = 256  # the pretraining set of the contract runs (engine fact and epoch pass)
 FACTS = {

@@ -15,6 +15,7 @@ from torch import nn
 from selfsup.config import Config, ConfigError, check_options
 from selfsup.data import DataError, DataSplits, ImageDataset
 from selfsup.data.captions import has_captions, training_captions
+from selfsup.engine.loop import resolve_precision
 from selfsup.methods.base import ENGINE_FACTS, Method
 from selfsup.registry import BACKBONES, DATASETS, METHODS, VIEW_RECIPES, RegistryError
 
@@ -269,10 +270,19 @@ def build_views(cfg: Config, splits: DataSplits, name: str | None = None, **over
 
 @dataclass
 class Components:
+    """A run's parts, built from its config for ``device``.
+
+    Attributes:
+        precision: ``train.precision`` resolved for the device (``"fp32"`` or ``"bf16"``;
+            ``"auto"`` decided once here, :func:`selfsup.engine.loop.resolve_precision`): what
+            pretraining, fine-tuning, distillation and evaluation all run at.
+    """
+
     splits: DataSplits
     method: Method
     train_views: nn.Module
     eval_views: nn.Module
+    precision: str = "fp32"
 
 
 def build_components(cfg: Config, device: torch.device) -> Components:
@@ -284,4 +294,8 @@ def build_components(cfg: Config, device: torch.device) -> Components:
     train_views = build_views(cfg, splits)  # draws no random numbers: initialisation below is unchanged
     torch.manual_seed(cfg.train.seed)  # model initialisation is part of the seeded run
     method = build_method(cfg, splits, train_views=train_views).to(device)
-    return Components(splits, method, train_views.to(device), build_views(cfg, splits, "eval").to(device))
+    eval_views = build_views(cfg, splits, "eval").to(device)
+    # Once per command, after the seeded initialisation (the CPU probe forks the RNG anyway):
+    # every consumer takes this value, so an "auto" run never times bf16 twice or disagrees.
+    precision = resolve_precision(cfg.train.precision, device)
+    return Components(splits, method, train_views.to(device), eval_views, precision)

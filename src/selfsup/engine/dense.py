@@ -88,11 +88,14 @@ def dense_rows(
     baselines: bool = False,
     max_train: int | None = 10_000,
     lr: float = 1e-2,
+    *,
+    precision: str,
 ) -> dict[str, dict[str, float]]:
     """``{row: {"dense_miou", "dense_pixel_acc"}}`` for the run's encoder and, with
     ``baselines``, a random-init encoder of the same architecture and raw pixels.
 
     Args:
+        precision: ``train.precision`` resolved for the device (``Components.precision``).
         max_train: images of the training split the probe is trained on (the first ones;
             bounds the memory of the stored feature maps); ``None`` for all.
         lr: the probe's Adam learning rate; its length is ``eval.dense_epochs`` and
@@ -122,8 +125,8 @@ def dense_rows(
     rows: dict[str, dict[str, float]] = {}
     for name, spatial, module in encoders:
         with eval_mode(module):
-            train = dense_features(spatial, train_set, eval_views, device, e.batch_size, cfg.train.precision)
-            test = dense_features(spatial, splits.test, eval_views, device, e.batch_size, cfg.train.precision)
+            train = dense_features(spatial, train_set, eval_views, device, e.batch_size, precision)
+            test = dense_features(spatial, splits.test, eval_views, device, e.batch_size, precision)
         scores = dense_linear_probe(
             *train,
             *test,

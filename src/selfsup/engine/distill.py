@@ -155,6 +155,7 @@ def distill_rows(
     eval_views: nn.Module,
     device: torch.device,
     *,
+    precision: str,
     student_backbone: Mapping[str, Any] | None = None,
     epochs: int | None = None,
     temperature: float = PAPER_TEMPERATURE,
@@ -165,7 +166,8 @@ def distill_rows(
     Fine-tuning (teacher and scratch) uses the ``eval.finetune_*`` recipe; distillation uses
     its batch size, weight decay and warm-up, with ``epochs`` (default
     ``eval.finetune_epochs``) over the whole unlabelled training split and ``lr`` (default
-    ``eval.finetune_lr``).
+    ``eval.finetune_lr``). All three trainings run at ``precision``, ``train.precision``
+    resolved for the device (``Components.precision``).
 
     Returns:
         ``{row: {"semi_top1@1%": ..., "semi_top1@10%": ...}}`` for the rows
@@ -198,7 +200,7 @@ def distill_rows(
                 splits.num_classes,
                 train_views=train_views,
                 device=device,
-                **finetune_recipe(cfg),
+                **finetune_recipe(cfg, precision),
             )
             rows.setdefault(row, {})[key] = top1(model, splits.test, eval_views, device, e.finetune_batch_size)
         teacher = model
@@ -218,7 +220,7 @@ def distill_rows(
             temperature=temperature,
             device=device,
             seed=cfg.train.seed,
-            precision=cfg.train.precision,
+            precision=precision,
         )
         rows.setdefault(f"{name} distilled into {student_name}", {})[key] = top1(
             student, splits.test, eval_views, device, e.finetune_batch_size

@@ -59,9 +59,11 @@ class FinetuneRecipe(TypedDict):
     precision: str
 
 
-def finetune_recipe(cfg: Config) -> FinetuneRecipe:
-    """The ``eval.finetune_*`` recipe of ``cfg`` (seeded by ``train.seed``, at
-    ``train.precision``), to pass on as ``**finetune_recipe(cfg)``."""
+def finetune_recipe(cfg: Config, precision: str) -> FinetuneRecipe:
+    """The ``eval.finetune_*`` recipe of ``cfg`` (seeded by ``train.seed``), to pass on as
+    ``**finetune_recipe(cfg, parts.precision)``; ``precision`` is ``train.precision`` already
+    resolved for the device (``Components.precision``), so ``"auto"`` is decided once per
+    command, as for pretraining."""
     e = cfg.eval
     return FinetuneRecipe(
         epochs=e.finetune_epochs,
@@ -72,7 +74,7 @@ def finetune_recipe(cfg: Config) -> FinetuneRecipe:
         label_smoothing=e.finetune_label_smoothing,
         warmup_epochs=e.finetune_warmup_epochs,
         seed=cfg.train.seed,
-        precision=cfg.train.precision,
+        precision=precision,
     )
 
 

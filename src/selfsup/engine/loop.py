@@ -18,16 +18,20 @@ never reaches the weights, the optimiser state, the buffers or a checkpoint, in 
   device tensors (:class:`StepParts`), the optimiser skips its update on the device (fused
   optimisers through their ``found_inf`` input, as AMP's ``GradScaler`` does; others by a
   ``torch.where`` restore), the EMA momentum becomes 1 and the buffers (BatchNorm statistics,
-  queues, banks, centres) are restored with ``torch.where``. The flags are read in one go by
+  centres, teachers' buffers) are restored with ``torch.where``; a queue or memory bank
+  (``journaled_buffers`` of ``selfsup.nn.memory``) gets back only the rows the step overwrote,
+  which it recorded as it wrote them (``journal_writes``), instead of a copy of the whole
+  memory every step (a 65536 x 128 MoCo queue: 32 MiB). The flags are read in one go by
   :meth:`TrainingLoop.check_finite` (``run`` calls it every ``check_every`` steps and at epoch
   ends), which raises :class:`NonFiniteLossError` for the first non-finite step.
 
 The host syncs left on a GPU: none in the loop's own step; one per ``check_every`` steps (the
 flags) and one when the caller reads a step's parts (``parts["loss"]``, at the log interval).
-Outside the loop's control: a method's own reads (``selfsup.nn.memory``'s queue reads its
-pointer), and a non-fused optimiser whose state sits on the host (``build_optimizer`` builds
-fused SGD / AdamW on a GPU). A skipped step does not undo what a method itself does to its
-parameters in ``on_step_end`` (SwAV re-normalises its prototypes: harmless, idempotent).
+Outside the loop's control: a method's own reads (SwAV reads how full its queue is; the
+queue's enqueue itself keeps its write position on the device), and a non-fused optimiser
+whose state sits on the host (``build_optimizer`` builds fused SGD / AdamW on a GPU). A
+skipped step does not undo what a method itself does to its parameters in ``on_step_end``
+(SwAV re-normalises its prototypes: harmless, idempotent).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from selfsup.engine.optim import set_schedule
 from selfsup.errors import TrainingError
 from selfsup.methods.base import Batch, EpochContext, Method, StepInfo
 from selfsup.nn.ema import update_ema
+from selfsup.nn.memory import RowWrite, journal_writes
 from selfsup.schedules import cosine_schedule
 from selfsup.transforms import to_float
 
@@ -272,6 +277,29 @@ def _where_restore(tensors: Sequence[Tensor], saved: Sequence[Tensor | None], ke
         t.copy_(torch.where(flag, t, torch.zeros((), dtype=t.dtype, device=t.device) if s is None else s))
 
 
+def journaled_buffer_names(module: nn.Module) -> frozenset[str]:
+    """Names (as in ``module.named_buffers()``) of the buffers whose owners record every
+    write in :func:`selfsup.nn.memory.journal_writes` (their ``journaled_buffers``)."""
+    return frozenset(
+        f"{prefix}.{name}" if prefix else name
+        for prefix, sub in module.named_modules()
+        for name in getattr(sub, "journaled_buffers", ())
+    )
+
+
+def _undo_writes(journal: Sequence[RowWrite], keep: Tensor) -> None:
+    """Puts back, where ``keep`` is false, the rows each recorded write overwrote (newest
+    first, so a row written twice ends as it was before the first write); touches only
+    those rows, ``(B, D)`` each, where ``keep`` is true too (rewriting their own values)."""
+    for write in reversed(journal):
+        buffer, flag = write.buffer, keep.to(write.buffer.device)
+        if write.rows is None:
+            buffer.copy_(torch.where(flag, buffer, write.before))
+        else:
+            now = buffer.index_select(0, write.rows)
+            buffer.index_copy_(0, write.rows, torch.where(flag, now, write.before))
+
+
 @torch.no_grad()
 def masked_ema(student: nn.Module, teacher: nn.Module, momentum: float, finite: Tensor) -> None:
     """:func:`selfsup.nn.ema.update_ema` with momentum 1 (no change) where ``finite`` is
@@ -350,6 +378,8 @@ class TrainingLoop:
         self.num_samples = num_samples
         self.sync_free = device.type == "cuda" if sync_free is None else sync_free
         self._method_schedules = method.schedules()
+        #: Buffers a sync-free step restores from the rows their owners journaled.
+        self._journaled = journaled_buffer_names(method)
         self._true = torch.ones((), dtype=torch.bool, device=device)
         #: Steps run since the last :meth:`check_finite` (sync-free mode only).
         self._unchecked: list[StepParts] = []
@@ -396,8 +426,52 @@ class TrainingLoop:
         set_schedule(self.optimizer, info.lr, info.weight_decay)
         chunks = data.chunks(self.accum_steps)
         # Sync-free: the state a skipped step must leave as it was (BatchNorm statistics from
-        # the forward, queues and banks from on_step_end, the teachers' copied buffers).
-        buffers = {k: b.clone() for k, b in self.method.named_buffers()} if self.sync_free else {}
+        # the forward, centres from on_step_end, the teachers' copied buffers). Queues and
+        # banks are not copied: they journal the rows they overwrite (the step runs inside
+        # journal_writes), and their version counters prove nothing else wrote them.
+        buffers: dict[str, Tensor] = {}
+        versions: dict[str, tuple[Tensor, int]] = {}
+        if self.sync_free:
+            for k, b in self.method.named_buffers():
+                if k in self._journaled:
+                    versions[k] = (b, b._version)
+                else:
+                    buffers[k] = b.clone()
+        recording: contextlib.AbstractContextManager[list[RowWrite]]
+        recording = journal_writes() if self.sync_free else contextlib.nullcontext([])
+        with recording as journal:
+            parts = self._step(data, info, chunks)
+        if self.sync_free:
+            with torch.no_grad():
+                now = dict(self.method.named_buffers())
+                self._check_journal(now, versions, journal)
+                names = [k for k in buffers if k in now and now[k].shape == buffers[k].shape]
+                _where_restore([now[k] for k in names], [buffers[k] for k in names], parts.finite)
+                _undo_writes(journal, parts.finite)
+            self._unchecked.append(parts)
+            if len(self._unchecked) >= self.MAX_UNCHECKED:  # a caller that never checks
+                self.check_finite()
+        return parts
+
+    @staticmethod
+    def _check_journal(
+        now: Mapping[str, Tensor], versions: Mapping[str, tuple[Tensor, int]], journal: Sequence[RowWrite]
+    ) -> None:
+        """Raises unless each journaled buffer is the same tensor as before the step and was
+        written (``_version`` bumps) exactly once per recorded write: a write that bypassed
+        ``journal_writes`` could not be undone."""
+        for name, (tensor, version) in versions.items():
+            writes = sum(1 for write in journal if write.buffer is tensor)
+            if now.get(name) is not tensor or tensor._version - version != writes:
+                raise RuntimeError(
+                    f"buffer {name!r} was replaced or written outside its owner's journaled writes "
+                    "(FIFOQueue.enqueue, IndexMemoryBank.update / fill) during a sync-free step, so a "
+                    "skipped step could not restore it; write it through those methods"
+                )
+
+    def _step(self, data: DataBatch, info: StepInfo, chunks: list[DataBatch]) -> StepParts:
+        """:meth:`step` from the micro-batches to ``on_step_end`` (the buffers' restore of a
+        skipped sync-free step is the caller's)."""
         scalars: dict[str, list[Tensor | float]] = {}
         products: dict[str, list[Tensor]] = {}
         finite = self._true  # sync-free: and-ed with each micro-batch's flag, on the device
@@ -441,16 +515,7 @@ class TrainingLoop:
             else:
                 update_ema(student, teacher, info.ema_momentum)
         self.method.on_step_end(info, {key: _concat(parts) for key, parts in products.items()})
-        parts = StepParts(info.step, values, finite)
-        if self.sync_free:
-            with torch.no_grad():
-                now = dict(self.method.named_buffers())
-                names = [k for k in buffers if k in now and now[k].shape == buffers[k].shape]
-                _where_restore([now[k] for k in names], [buffers[k] for k in names], finite)
-            self._unchecked.append(parts)
-            if len(self._unchecked) >= self.MAX_UNCHECKED:  # a caller that never checks
-                self.check_finite()
-        return parts
+        return StepParts(info.step, values, finite)
 
     def _agree(self, finite: Tensor) -> Tensor:
         """The flag of every process (their minimum) under ``DistributedDataParallel``: the

@@ -62,10 +62,13 @@ def frozen_protocol_rows(
     eval_views: nn.Module,
     device: torch.device,
     baselines: bool = False,
+    *,
+    precision: str,
 ) -> dict[str, dict[str, float]]:
     """``{row: metrics}`` of ``protocol`` (``"cluster"`` or ``"retrieval"``) for the run's
     encoder and, with ``baselines``, a random-init encoder of the same architecture (seeded
-    by ``train.seed``), raw pixels and HOG, all on the un-augmented eval view."""
+    by ``train.seed``), raw pixels and HOG, all on the un-augmented eval view, encoded at
+    ``precision`` (``train.precision`` resolved for the device: ``Components.precision``)."""
     if protocol not in FROZEN_PROTOCOLS:
         raise ValueError(f"protocol {protocol!r} is not one of {', '.join(FROZEN_PROTOCOLS)}")
     run_row, random_row = encoder_row_names(cfg, method)
@@ -75,7 +78,7 @@ def frozen_protocol_rows(
         encoders.append((random_row, random_init, random_init))
         fixed: dict[str, nn.Module] = {"raw pixels": nn.Flatten(), "HOG": HOGFeatures()}
         encoders += [(name, module, module) for name, module in fixed.items()]
-    e, precision = cfg.eval, cfg.train.precision
+    e = cfg.eval
     rows: dict[str, dict[str, float]] = {}
     for name, encoder, module in encoders:
         with eval_mode(module):
@@ -100,9 +103,11 @@ def finetune_from_config(
     splits: DataSplits,
     eval_views: nn.Module,
     device: torch.device,
+    precision: str,
 ) -> dict[str, float]:
     """:func:`~selfsup.engine.finetune.finetune` with the ``eval.finetune_*`` recipe of ``cfg``
-    on ``train`` (a labelled subset or the whole training split), tested on the test split."""
+    on ``train`` (a labelled subset or the whole training split), tested on the test split;
+    ``precision``: ``train.precision`` resolved for the device (``Components.precision``)."""
     return finetune(
         encoder,
         num_features,
@@ -112,7 +117,7 @@ def finetune_from_config(
         train_views=build_views(cfg, splits, "single_view").to(device),
         eval_views=eval_views,
         device=device,
-        **finetune_recipe(cfg),
+        **finetune_recipe(cfg, precision),
     )
 
 
@@ -136,7 +141,7 @@ def semi_supervised_splits(cfg: Config, splits: DataSplits) -> dict[float, Tenso
 
 
 def semi_supervised_rows(
-    method: Method, cfg: Config, splits: DataSplits, eval_views: nn.Module, device: torch.device
+    method: Method, cfg: Config, splits: DataSplits, eval_views: nn.Module, device: torch.device, precision: str
 ) -> dict[str, dict[str, float]]:
     """The semi-supervised protocol (SimCLR, Chen et al. 2020, arXiv:2002.05709, sec. 4.2):
     for each of ``eval.semi_fractions``, fine-tune the run's encoder and, as the baseline, a
@@ -158,6 +163,8 @@ def semi_supervised_rows(
         train = splits.train.subset(indices)
         for row, from_scratch in ((run_row, False), (random_row, True)):
             encoder = finetune_encoder(method, cfg, splits, from_scratch=from_scratch)
-            metrics = finetune_from_config(encoder, method.num_features, train, cfg, splits, eval_views, device)
+            metrics = finetune_from_config(
+                encoder, method.num_features, train, cfg, splits, eval_views, device, precision
+            )
             rows[row][f"semi_top1@{fraction_name(fraction)}"] = metrics["finetune_top1"]
     return rows

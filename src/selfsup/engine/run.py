@@ -41,7 +41,14 @@ from selfsup.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from selfsup.engine.evaluation import baseline_rows, encode, evaluate_encoder, format_table
+from selfsup.engine.evaluation import (
+    baseline_rows,
+    encode,
+    evaluate_encoder,
+    format_table,
+    format_tokenizer_metrics,
+    tokenizer_metrics,
+)
 from selfsup.engine.export import encoder_metadata
 from selfsup.engine.logging import RunLogger, plot_loss_curve
 from selfsup.engine.loop import DataBatch, LoopSchedule, NonFiniteLossError, TrainingLoop
@@ -214,7 +221,7 @@ class PretrainRun:
             self.device,
             model=self.model,
             accum_steps=cfg.train.accum_steps,
-            precision=cfg.train.precision,
+            precision=self.parts.precision,  # train.precision=auto resolved once, by build_components
             channels_last=cfg.train.channels_last,
             clip_grad=cfg.optim.clip_grad,
             encode_pretrain=self._encode_pretrain,
@@ -690,14 +697,20 @@ class PretrainRun:
             from selfsup.engine.protocols import semi_supervised_rows
 
             for name, metrics in semi_supervised_rows(
-                self.method, cfg, splits, self.parts.eval_views, self.device
+                self.method, cfg, splits, self.parts.eval_views, self.device, self.loop.precision
             ).items():
                 rows.setdefault(name, {}).update(metrics)
         if cfg.eval.dense and self.dist.is_main:
             from selfsup.engine.dense import dense_rows
 
             for name, metrics in dense_rows(
-                self.method, cfg, splits, self.parts.eval_views, self.device, baselines=cfg.eval.baselines
+                self.method,
+                cfg,
+                splits,
+                self.parts.eval_views,
+                self.device,
+                baselines=cfg.eval.baselines,
+                precision=self.loop.precision,
             ).items():
                 rows.setdefault(name, {}).update(metrics)
         if self.dist.is_main:
@@ -708,8 +721,15 @@ class PretrainRun:
                     self.method, cfg, splits, self.parts.eval_views, self.device, self.run_dir
                 ).items():
                     rows.setdefault(name, {}).update(metrics)
+        tokens: dict[str, float] = {}
+        if self.dist.is_main:  # a tokenizer's reconstruction error and codebook use on the test split
+            tokens = tokenizer_metrics(
+                self.method, splits.test, self.parts.eval_views, self.device, cfg.eval.batch_size
+            )
+            rows[run_row].update(tokens)
         if self.dist.is_main:
             table = format_table(rows, f"{splits.name} test set, top-1 (%)")
+            table += f"\n{format_tokenizer_metrics(tokens, splits.name + ' test')}" if tokens else ""
             (self.run_dir / "results.json").write_text(json.dumps(rows, indent=2))
             (self.run_dir / "results.txt").write_text(table + "\n")
             self.logger.log({f"final/{k}": v for k, v in next(iter(rows.values())).items()}, self.total_steps)

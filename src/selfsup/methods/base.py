@@ -26,7 +26,7 @@ checkpoint of ``state_dict()`` restores it exactly; nothing is stashed on ``self
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -274,6 +274,16 @@ class Method(nn.Module):
         """An untrained ``embedder()`` module from its ``spec``; ``backbone()`` builds the
         configured backbone (what a saved file's weights then load into)."""
         raise NotImplementedError(f"{cls.__name__} records no embedder spec, so it has nothing to rebuild")
+
+    def evaluate_tokens(self, batches: Iterable[Tensor]) -> dict[str, float]:
+        """Metrics of a visual tokenizer over a whole split, ``{}`` for a method that is none
+        (the default; ``batches`` is then not read). ``batches`` yields the split's images
+        `(B, C, H, W)`, un-augmented and normalised as training's (the eval view), on the
+        method's device. A tokenizer returns ``tokenizer_reconstruction`` (its own
+        reconstruction objective, averaged over every image), ``codebook_usage`` (fraction of
+        codes used at least once), ``codebook_perplexity`` (``exp`` of the entropy of the
+        code histogram) and ``codebook_size``, computed in eval mode without gradients."""
+        return {}
 
     @property
     def num_features(self) -> int:

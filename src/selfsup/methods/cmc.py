@@ -35,6 +35,18 @@ becomes the two-view encoder that splits raw (normalised) images and concatenate
 features, so kNN, linear probes and ``embed`` evaluate the paper's representation. Its spec
 (``embedder``: split, view encoders, normalisation) is saved with ``backbone.safetensors``, so
 ``load_encoder``, exports and frozen teachers rebuild the two-view encoder, not the backbone.
+
+Bank initialisation. ``bank_init="features"`` departs from the paper (random unit vectors, as
+InstDisc): before the first step of a fresh run, one pass over the pretraining set (eval view,
+BatchNorm on each pass batch's statistics) sets ``bank1[i]`` and ``bank2[i]`` to the two views'
+normalised embeddings of image ``i``, so the cross-view positives are real features from the
+first step instead of random vectors refreshed once per epoch (the reasons, the choice of view
+and of BatchNorm statistics: ``selfsup.methods.instdisc``). Measured (Fashion-MNIST 12800-image
+subset, width 16, batch 128, 3 epochs, NCE, kNN@20; seeds 0 / 1): random 72.9 / 74.8,
+features 74.8 / 75.6, random-init two-view encoder 71.0 / 76.2; after epoch 1, 69.6 / 72.8
+against 72.5 / 73.3. A smaller gain than InstDisc's, and not enough by itself to put this
+setting above the random-init encoder in every seed. The pass costs 3% of an NCE epoch
+(60000 images, width 32, 1 thread).
 """
 
 from __future__ import annotations
@@ -49,8 +61,8 @@ from torch import Tensor, nn
 
 from selfsup.errors import ConfigError
 from selfsup.losses import bank_softmax_loss, info_nce, nce_loss
-from selfsup.methods.base import Batch, Method, StepInfo, StepOutputs
-from selfsup.methods.instdisc import bank_scores, check_index, estimate_log_z
+from selfsup.methods.base import Batch, EpochContext, Method, StepInfo, StepOutputs
+from selfsup.methods.instdisc import bank_scores, check_bank_init, check_index, estimate_log_z, initial_bank_features
 from selfsup.monitors import feature_std_tensor
 from selfsup.nn.backbones.convnet import ConvNet
 from selfsup.nn.backbones.protocol import feature_dim
@@ -173,6 +185,9 @@ class CMC(Method):
         bank_momentum: bank update momentum (paper: 0.5, as InstDisc).
         z_estimate: ``"first_batch"`` (paper) or ``"per_batch"`` (see ``selfsup.methods.instdisc``).
         chunk_size: bank rows scored at once by ``"softmax"`` (memory ``B * chunk_size``).
+        bank_init: ``"random"`` (the paper: random unit vectors) or ``"features"`` (before the
+            first step, each bank's rows become the images' embeddings of its view, as
+            InstDisc's option of the same name; memory-bank objectives only).
 
     Forward: one view ``(B, C, H, W)`` split in two; embeddings ``(B, feat_dim)`` per view.
     """
@@ -183,6 +198,7 @@ class CMC(Method):
 
     backbone: TwoViewEncoder
     z_log: Tensor
+    bank_filled: Tensor
 
     def __init__(
         self,
@@ -201,11 +217,18 @@ class CMC(Method):
         bank_momentum: float = 0.5,
         z_estimate: str = "first_batch",
         chunk_size: int = 65536,
+        bank_init: str = "random",
     ) -> None:
         super().__init__()
         if objective not in ("nce", "softmax", "infonce"):
             raise ConfigError(
                 f"method.objective must be 'nce' (paper's main), 'softmax' or 'infonce', got {objective!r}"
+            )
+        check_bank_init(bank_init)
+        if bank_init == "features" and objective == "infonce":
+            raise ConfigError(
+                "method.bank_init=features fills the memory banks, and objective=infonce has none: "
+                "drop bank_init or use objective nce / softmax"
             )
         if chunk_size < 1:
             raise ConfigError(f"method.chunk_size must be >= 1 (bank rows scored at once), got {chunk_size}")
@@ -236,9 +259,13 @@ class CMC(Method):
         self.z_estimate = z_estimate
         self.num_samples = num_samples
         self.chunk_size = chunk_size
+        self.bank_init = bank_init
         if objective in ("nce", "softmax"):
             self.bank1 = IndexMemoryBank(num_samples, feat_dim)
             self.bank2 = IndexMemoryBank(num_samples, feat_dim)
+        if bank_init == "features":
+            # 1 once the banks hold the feature pass's embeddings (kept on resume: no refill).
+            self.register_buffer("bank_filled", torch.zeros((), dtype=torch.long))
         if objective == "nce":
             # log Z of each view's NCE (against bank2, against bank1); -inf until estimated.
             self.register_buffer("z_log", torch.full((2,), float("-inf")))
@@ -262,6 +289,15 @@ class CMC(Method):
         """``(B, C, H, W)`` -> the two views' normalised embeddings ``(B, feat_dim)`` each."""
         h1, h2 = self.backbone.encode(x)
         return F.normalize(self.head1(h1).float(), dim=1), F.normalize(self.head2(h2).float(), dim=1)
+
+    def on_epoch_start(self, ctx: EpochContext) -> None:
+        # bank_init="features": one pass fills both banks, before the first step of a fresh run.
+        if self.bank_init == "features" and not bool(self.bank_filled):
+            features = initial_bank_features(self, ctx, lambda x: torch.cat(self.embeddings(x), dim=1))
+            z1, z2 = features.split(self.bank1.bank.shape[1], dim=1)
+            self.bank1.fill(z1)
+            self.bank2.fill(z2)
+            self.bank_filled.fill_(1)
 
     def noise_index(self, batch_size: int, device: torch.device) -> Tensor:
         """``(2, B, m)`` uniform noise indices, one set per view's NCE."""

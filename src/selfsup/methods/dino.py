@@ -34,7 +34,7 @@ from selfsup.losses import cross_view_cross_entropy, dino_center_update, koleo_l
 from selfsup.methods.base import Batch, Method, StepInfo, StepOutputs
 from selfsup.nn.backbones.protocol import feature_dim
 from selfsup.nn.backbones.vit import without_drop_path
-from selfsup.nn.heads import frozen_copy
+from selfsup.nn.heads import frozen_copy, maybe_frozen_linear
 from selfsup.nn.multicrop import encode_by_resolution
 from selfsup.nn.sinkhorn import sinkhorn_knopp
 from selfsup.registry import METHODS
@@ -93,9 +93,11 @@ class DINOHead(nn.Module):
         as constants, so backward skips their gradient (a ``K x bottleneck`` GEMM) rather
         than computing it to throw it away."""
         x = F.normalize(self.mlp(x), dim=-1)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_last_layer):
-            weight = self.last_layer_g * F.normalize(self.last_layer_v, dim=1)
-        return F.linear(x, weight)
+        return maybe_frozen_linear(x, self.last_layer_weight, freeze_last_layer)
+
+    def last_layer_weight(self) -> Tensor:
+        """The last layer's weights ``(K, bottleneck_dim)``: ``g * V / ||V||`` row-wise."""
+        return self.last_layer_g * F.normalize(self.last_layer_v, dim=1)
 
 
 @METHODS.register("dino")

@@ -268,8 +268,10 @@ class IBOT(Method):
         cls_tokens = [tokens[:, 0]]
         if len(views) > g:  # local crops: unmasked, class token only, one call per size
             cls_tokens.append(encode_by_resolution(lambda x: vit.forward_tokens(x)[:, 0], views[g:]))
-        student_cls = cls_head(torch.cat(cls_tokens))  # (V * B, K), view-major
-        student_patch = patch_head(tokens[:, 1:][mask])  # (M, K) at the masked positions only
+        # A frozen last layer enters the heads as a constant: no weight gradient is computed.
+        frozen = self.last_layer_frozen(step)
+        student_cls = cls_head(torch.cat(cls_tokens), freeze_last_layer=frozen)  # (V * B, K), view-major
+        student_patch = patch_head(tokens[:, 1:][mask], freeze_last_layer=frozen)  # (M, K): masked only
         with torch.no_grad():
             t_tokens = teacher.forward_tokens(global_crops)
             teacher_cls = t_cls_head(t_tokens[:, 0]).float()
@@ -304,10 +306,16 @@ class IBOT(Method):
             outputs["teacher_patch_logits"] = t_patch_all.mean(dim=1)  # (N, K): each image's mean
         return {"loss": loss, **outputs}
 
+    def last_layer_frozen(self, step: StepInfo) -> bool:
+        """Whether the heads' last layers stay fixed at this step (the first
+        ``freeze_last_layer_epochs``), as DINO's (:meth:`selfsup.methods.dino.DINO.last_layer_frozen`)."""
+        return step.epoch < self.freeze_last_layer_epochs
+
     def on_after_backward(self, step: StepInfo) -> None:
         # No gradient, rather than a zero one, so that neither weight decay nor momentum moves
-        # the last layers during the first epoch (reference code: cancel_gradients_last_layer).
-        if step.epoch < self.freeze_last_layer_epochs:
+        # the last layers during the first epoch (reference code: cancel_gradients_last_layer);
+        # the frozen heads' forward computed none, this clears any other path.
+        if self.last_layer_frozen(step):
             for head in (self.head, self.patch_head):
                 if head is not None:
                     for p in head.last_layer_parameters():

@@ -25,7 +25,7 @@ from selfsup.methods.base import Batch, Method, StepInfo, StepOutputs
 from selfsup.monitors import feature_std_tensor
 from selfsup.nn.backbones.protocol import feature_dim
 from selfsup.nn.distributed import rank, world_size
-from selfsup.nn.heads import mlp_head
+from selfsup.nn.heads import maybe_frozen_linear, mlp_head
 from selfsup.nn.memory import FIFOQueue
 from selfsup.nn.multicrop import encode_by_resolution
 from selfsup.nn.sinkhorn import sinkhorn_knopp
@@ -124,7 +124,9 @@ class SwAV(Method):
                 f"them global; got {len(views)}"
             )
         z = F.normalize(self.projector(encode_by_resolution(self.backbone, views)), dim=1)
-        scores = self.prototypes(z).chunk(len(views))
+        # Frozen prototypes enter as a constant: backward skips their (K x D) weight gradient.
+        frozen = self.prototypes_frozen(step)
+        scores = maybe_frozen_linear(z, lambda: self.prototypes.weight, frozen).chunk(len(views))
         b = views[0].shape[0]
         queued = self.queued_embeddings()
         codes = [self.codes(scores[i], queued) for i in range(self.num_global_crops)]
@@ -135,10 +137,15 @@ class SwAV(Method):
             outputs["queue_embeddings"] = z[: self.num_global_crops * b]
         return outputs
 
+    def prototypes_frozen(self, step: StepInfo) -> bool:
+        """Whether the prototypes stay fixed at this step (the first ``freeze_prototypes_steps``)."""
+        return step.step < self.freeze_prototypes_steps
+
     def on_after_backward(self, step: StepInfo) -> None:
         # Frozen prototypes get no gradient at all, not a zero one, so that neither weight
-        # decay nor optimiser momentum moves them (as the reference code does).
-        if step.step < self.freeze_prototypes_steps:
+        # decay nor optimiser momentum moves them (as the reference code does); the forward
+        # computed none, this clears any other path.
+        if self.prototypes_frozen(step):
             self.prototypes.weight.grad = None
 
     @torch.no_grad()

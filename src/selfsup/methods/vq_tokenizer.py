@@ -31,7 +31,7 @@ ConvNet, whose mean-pooled encodings are the tokenizer's ``embed`` features.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 import torch
@@ -39,8 +39,54 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.methods.base import Batch, Method, StepInfo, StepOutputs
-from selfsup.nn.quantizer import VectorQuantizer
+from selfsup.nn.quantizer import Quantized, VectorQuantizer
 from selfsup.registry import METHODS
+
+
+def evaluate_tokenizer(
+    method: nn.Module,
+    batches: Iterable[Tensor],
+    measure: Callable[[Tensor], tuple[Tensor, Tensor]],
+    codebook_size: int,
+) -> dict[str, float]:
+    """A tokenizer's test metrics over a whole split (``Method.evaluate_tokens``).
+
+    ``measure(x)`` gives, for images `(B, C, H, W)`, the terms whose mean is the method's
+    reconstruction objective (any shape, e.g. squared errors `(B, C, H, W)` or per-patch
+    ``1 - cos`` `(B, L)`) and the code ids `(B, L)`. The terms are summed in float64 and the
+    ids histogrammed on the device over every batch, so the metrics are those of the whole
+    split, not averages of per-batch values: ``tokenizer_reconstruction`` = sum of terms /
+    number of terms (every image has as many, so it is also the mean over images),
+    ``codebook_usage`` = fraction of the ``codebook_size`` codes used at least once,
+    ``codebook_perplexity`` = ``exp(-sum_k p_k log p_k)`` of the code frequencies ``p``.
+    ``method`` runs in eval mode without gradients and gets its previous mode back.
+    """
+    was_training = method.training
+    method.eval()
+    total: Tensor | None = None
+    terms = 0
+    counts: Tensor | None = None
+    try:
+        with torch.no_grad():
+            for x in batches:
+                errors, ids = measure(x)
+                batch_sum = errors.double().sum()
+                hist = torch.bincount(ids.reshape(-1), minlength=codebook_size)
+                total = batch_sum if total is None else total + batch_sum
+                counts = hist if counts is None else counts + hist
+                terms += errors.numel()
+    finally:
+        method.train(was_training)
+    if total is None or counts is None or terms == 0:
+        raise ValueError("the evaluation split has no images: a tokenizer needs at least one to be measured")
+    p = counts.double() / counts.sum()
+    entropy = -(p * torch.log(p.clamp_min(1e-300))).sum()  # 0 log 0 = 0
+    return {
+        "tokenizer_reconstruction": float(total) / terms,
+        "codebook_usage": float((counts > 0).double().mean()),
+        "codebook_perplexity": float(torch.exp(entropy)),
+        "codebook_size": float(codebook_size),
+    }
 
 
 class ResBlock(nn.Module):
@@ -234,11 +280,16 @@ class VQTokenizer(Method):
         """The tokenizer (it is the method's ``backbone``: its encoder is what ``embed`` uses)."""
         return cast(VQVAETokenizer, self.backbone)
 
-    def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
-        x = batch.views[0]
+    def decode_tokens(self, x: Tensor) -> tuple[Tensor, Quantized]:
+        """The images decoded from their tokens `(B, C, H, W)` (straight-through, so the
+        encoder gets the reconstruction's gradient) and the quantiser's output."""
         z = self.tokenizer.encode(x)
         q = self.tokenizer.quantizer(z)
-        recon = self.tokenizer.decode(q.quantized.to(z.dtype))
+        return self.tokenizer.decode(q.quantized.to(z.dtype)), q
+
+    def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
+        x = batch.views[0]
+        recon, q = self.decode_tokens(x)
         rec_loss = F.mse_loss(recon.float(), x.float())
         return {
             "loss": rec_loss + q.commitment_loss,
@@ -256,6 +307,17 @@ class VQTokenizer(Method):
         # and after a resume, and independent of the global random stream.
         generator = torch.Generator().manual_seed(step.step)
         self.tokenizer.quantizer.ema_update(outputs["encodings"], outputs["ids"], generator)
+
+    def evaluate_tokens(self, batches: Iterable[Tensor]) -> dict[str, float]:
+        """Test metrics (see ``Method.evaluate_tokens``); ``tokenizer_reconstruction`` is the
+        training's reconstruction term: the MSE between the images decoded from their tokens
+        and the inputs, in the normalised pixel space the model sees (commitment excluded)."""
+
+        def measure(x: Tensor) -> tuple[Tensor, Tensor]:
+            recon, q = self.decode_tokens(x)
+            return (recon.float() - x.float()).pow(2), q.ids
+
+        return evaluate_tokenizer(self, batches, measure, self.tokenizer.codebook_size)
 
     def embedder(self) -> tuple[nn.Module, dict[str, Any] | None]:
         """The whole tokenizer (encoder, codebook, decoder), so a BEiT run can load it."""

@@ -27,7 +27,7 @@ ViT's pooled features.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.methods.base import Batch, Method, StepInfo, StepOutputs, check_token_backbone
-from selfsup.methods.vq_tokenizer import Tokenizer
+from selfsup.methods.vq_tokenizer import Tokenizer, evaluate_tokenizer
 from selfsup.nn.backbones.protocol import as_token_backbone, feature_dim, feature_map, feature_map_dim
 from selfsup.nn.backbones.vit import Block, sincos_pos_embed_2d
-from selfsup.nn.quantizer import VectorQuantizer
+from selfsup.nn.quantizer import Quantized, VectorQuantizer
 from selfsup.registry import METHODS
 
 
@@ -195,11 +195,16 @@ class VQKDTokenizerMethod(Method):
             fmap = F.interpolate(fmap, size=grid, mode="bilinear", align_corners=False, antialias=True)
         return fmap.flatten(2).transpose(1, 2)
 
-    def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
-        x = batch.views[0]
+    def decode_tokens(self, x: Tensor) -> tuple[Tensor, Quantized]:
+        """The decoder's teacher-feature predictions `(B, L, D_t)` from the tokens of images
+        `(B, C, H, W)` (straight-through) and the quantiser's output."""
         z = self.encode_head(as_token_backbone(self.backbone).forward_tokens(x)[:, 1:])  # = tokenizer.encode
         q = self.quantizer(z)
-        pred = self.decoder(q.quantized.to(z.dtype))
+        return self.decoder(q.quantized.to(z.dtype)), q
+
+    def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
+        x = batch.views[0]
+        pred, q = self.decode_tokens(x)
         rec_loss = cosine_reconstruction_loss(pred, self.teacher_targets(x))
         return {
             "loss": rec_loss + q.commitment_loss,
@@ -216,6 +221,19 @@ class VQKDTokenizerMethod(Method):
         # Restart draws from a generator seeded by the step: alike on every process and on resume.
         generator = torch.Generator().manual_seed(step.step)
         self.quantizer.ema_update(outputs["encodings"], outputs["ids"], generator)
+
+    def evaluate_tokens(self, batches: Iterable[Tensor]) -> dict[str, float]:
+        """Test metrics (see ``Method.evaluate_tokens``); ``tokenizer_reconstruction`` is the
+        training's reconstruction term: ``1 - cos`` between the decoder's output and the frozen
+        teacher's patch features, averaged over every patch of every image (commitment
+        excluded)."""
+
+        def measure(x: Tensor) -> tuple[Tensor, Tensor]:
+            pred, q = self.decode_tokens(x)
+            target = self.teacher_targets(x)
+            return 1 - F.cosine_similarity(pred.float(), target.float(), dim=-1), q.ids
+
+        return evaluate_tokenizer(self, batches, measure, self.quantizer.codebook_size)
 
     def embedder(self) -> tuple[nn.Module, dict[str, Any] | None]:
         """The tokenizer (ViT, encode head, codebook), so a BEiT run can load it; its

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from selfsup.nn.distributed import world_size
 
 Norm = Literal["bn", "bn_noaffine", "none"]
 
@@ -64,3 +69,27 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def maybe_frozen_linear(x: Tensor, weight: Callable[[], Tensor], frozen: bool = False) -> Tensor:
+    """``F.linear(x, weight())``, ``(B, D) -> (B, K)`` for a ``(K, D)`` weight; with ``frozen``
+    the weight enters as a constant (built without autograd), so backward still gives ``x``
+    its gradient but skips the weight's (a ``K x D`` GEMM over the batch) instead of computing
+    it for the method to throw away. For output layers held fixed early in training: DINO's,
+    iBOT's and DINOv2's last head layer during the first epoch, SwAV's prototypes during the
+    first iterations (the methods still clear that gradient in ``on_after_backward``, so no
+    other path moves the layer either). Forward values are the same either way.
+
+    Under several processes the weight's gradient is computed as usual (and cleared by the
+    method): ``DistributedDataParallel`` waits for a gradient of every parameter it was not
+    told may go unused, and fails at the next step when one never comes.
+
+    References: Caron et al. 2021, DINO, arXiv:2104.14294 (reference code,
+    ``cancel_gradients_last_layer``); Caron et al. 2020, SwAV, arXiv:2006.09882 (prototypes
+    frozen during the first epoch).
+    """
+    if not frozen or world_size() > 1:
+        return F.linear(x, weight())
+    with torch.no_grad():
+        fixed = weight().detach()
+    return F.linear(x, fixed)

@@ -2,12 +2,19 @@
 
 Both keep all state in persistent buffers, so ``state_dict`` round-trips restore them
 exactly, and both gather their inputs from every process before writing, so every
-process holds the same memory.
+process holds the same memory. Inside :func:`journal_writes` both record the rows they
+overwrite (their ``journaled_buffers``), so a caller can undo a step by putting back those
+``B`` rows rather than a copy of the whole memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +22,40 @@ from torch import Tensor, nn
 
 from selfsup.errors import ConfigError
 from selfsup.nn.distributed import concat_all_gather
+
+
+@dataclass(frozen=True)
+class RowWrite:
+    """One recorded write: ``buffer[rows]`` held ``before`` (``rows`` ``None``: every row)."""
+
+    buffer: Tensor
+    rows: Tensor | None
+    before: Tensor
+
+
+_JOURNAL: ContextVar[list[RowWrite] | None] = ContextVar("selfsup_memory_journal", default=None)
+
+
+@contextlib.contextmanager
+def journal_writes() -> Iterator[list[RowWrite]]:
+    """Within the block, every write of a :class:`FIFOQueue` or :class:`IndexMemoryBank` to
+    its ``journaled_buffers`` appends a :class:`RowWrite` (the rows it is about to overwrite,
+    ``(B, D)``, copied on their device) to the yielded list, in the order written. Undoing them
+    in reverse order restores the memory exactly; the training loop does so to skip a
+    non-finite step without copying a 65536-row queue every step."""
+    journal: list[RowWrite] = []
+    token = _JOURNAL.set(journal)
+    try:
+        yield journal
+    finally:
+        _JOURNAL.reset(token)
+
+
+def _record(buffer: Tensor, rows: Tensor | None) -> None:
+    """Append ``buffer``'s ``rows`` (all rows for ``None``) to the active journal, if any."""
+    journal = _JOURNAL.get()
+    if journal is not None:
+        journal.append(RowWrite(buffer, rows, buffer.clone() if rows is None else buffer.index_select(0, rows)))
 
 
 class FIFOQueue(nn.Module):
@@ -30,6 +71,8 @@ class FIFOQueue(nn.Module):
     queue: Tensor
     ptr: Tensor
     filled: Tensor
+    #: Written only through :meth:`enqueue`, which records its rows in :func:`journal_writes`.
+    journaled_buffers: ClassVar[tuple[str, ...]] = ("queue",)
 
     def __init__(self, size: int, dim: int, generator: torch.Generator | None = None) -> None:
         """Create a queue of ``size`` rows of width ``dim`` with random unit-vector rows.
@@ -75,6 +118,7 @@ class FIFOQueue(nn.Module):
         # position stays on the device (no read of ``ptr``): no host sync in a GPU step.
         skip = max(0, n - size)
         rows = (self.ptr + skip + torch.arange(n - skip, device=self.queue.device)) % size
+        _record(self.queue, rows)
         self.queue.index_copy_(0, rows, keys[skip:])
         self.ptr.copy_((self.ptr + n) % size)
         self.filled.copy_((self.filled + n).clamp(max=size))
@@ -146,6 +190,8 @@ class IndexMemoryBank(nn.Module):
     """
 
     bank: Tensor
+    #: Written only through :meth:`update` and :meth:`fill`, recorded in :func:`journal_writes`.
+    journaled_buffers: ClassVar[tuple[str, ...]] = ("bank",)
 
     def __init__(self, num_samples: int, dim: int, generator: torch.Generator | None = None) -> None:
         """Create a bank of ``num_samples`` random unit vectors of width ``dim``.
@@ -176,7 +222,23 @@ class IndexMemoryBank(nn.Module):
         index = concat_all_gather(index.to(self.bank.device, torch.long))
         features = concat_all_gather(features).to(self.bank.dtype)
         mixed = momentum * self.bank[index] + (1.0 - momentum) * features
+        _record(self.bank, index)
         self.bank[index] = F.normalize(mixed, dim=1)
+
+    @torch.no_grad()
+    def fill(self, features: Tensor) -> None:
+        """Overwrite every row with the L2-normalised ``features (N, D)`` (row ``i`` = sample ``i``).
+
+        No gathering: ``features`` must already be the whole data set's, identical on every
+        process (a feature pass gathered in rank order gives that).
+
+        References: Wu et al. 2018, InstDisc, arXiv:1805.01978 (the paper starts from random
+        unit vectors; filling from features is this library's ``bank_init="features"``).
+        """
+        if tuple(features.shape) != tuple(self.bank.shape):
+            raise ValueError(f"features must be {tuple(self.bank.shape)} to fill the bank, got {tuple(features.shape)}")
+        _record(self.bank, None)
+        self.bank.copy_(F.normalize(features.to(self.bank.device, self.bank.dtype), dim=1))
 
     def get(self, index: Tensor) -> Tensor:
         """Return a copy of the rows ``index (B,)`` as ``(B, D)``.
