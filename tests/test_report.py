@@ -177,6 +177,28 @@ def test_one_row_per_run_then_the_baselines_once_each_naming_the_run(tmp_path: P
     assert "torch 2.13.0" in table
 
 
+def test_the_baseline_row_comes_from_the_run_that_printed_most_of_it(tmp_path: Path) -> None:
+    # A run with eval.baselines=false still prints the random-init fine-tuning of eval.semi:
+    # sorted first by name, its partial row must not hide another run's complete one.
+    semi_only = {"random-init convnet": {"semi_top1@10%": 0.7503}}
+    runs = [
+        load_run(make_run(tmp_path, "a-partial", baselines=semi_only)),
+        load_run(
+            make_run(
+                tmp_path,
+                "b-complete",
+                method="byol",
+                baselines={"random-init convnet": {**RANDOM_INIT, "semi_top1@10%": 0.7503}, "raw pixels": RAW_PIXELS},
+            )
+        ),
+    ]
+    table = method_table(runs)
+    random_init = row(table, "random-init convnet")
+    assert random_init["command"] == "printed by `b-complete`"
+    assert random_init["kNN@20"] != DASH and random_init["10% labels"] == "75.03"
+    assert [cells[0] for cells in table_rows(table)].count("random-init convnet") == 1
+
+
 def test_bold_only_where_the_encoder_beats_every_baseline_of_its_dataset(tmp_path: Path) -> None:
     encoder = {"knn_top1@20": 0.8569, "knn_top1@200": 0.8300, "linear_top1": 0.80}  # ties pixels in kNN@20
     hog = {"knn_top1@20": 0.70, "knn_top1@200": 0.8350, "linear_top1": 0.75}

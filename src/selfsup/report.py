@@ -16,7 +16,8 @@ A run folder is what ``selfsup pretrain`` writes. The report reads three of its 
 Only ``results.json`` is required; a missing file or metric shows as an en dash.
 
 The table has one row per run (its trained encoder) and, for every distinct dataset and
-backbone, the baseline rows taken from the first run that printed them, each naming that run.
+backbone, the baseline rows taken from the run that printed most of their protocols (the
+first on a tie), each naming that run.
 An accuracy is bold where the encoder is above every baseline row that any of the given runs
 printed for its dataset, compared at the precision shown. Where runs printed different values
 for the same baseline, a note under the table gives the range.
@@ -409,7 +410,9 @@ def method_table(runs: Iterable[RunRecord]) -> str:
                 names += [n for n in run.baselines if n not in names]
             for name in names:
                 printers = [run for run in group if name in run.baselines]
-                source = printers[0]
+                # The most complete row (a run may print only some protocols of a baseline, e.g.
+                # only its fine-tuning with eval.baselines=false); ties: the first run.
+                source = max(printers, key=lambda run: len(run.baselines[name]))
                 metrics = source.baselines[name]
                 if metrics not in shown.setdefault(name, []):
                     shown[name].append(metrics)
