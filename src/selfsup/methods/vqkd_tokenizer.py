@@ -103,9 +103,14 @@ class VQKDDecoder(nn.Module):
         return self.head(self.norm(x))
 
 
+def cosine_distances(pred: Tensor, target: Tensor) -> Tensor:
+    """``1 - cos(pred_i, target_i)`` of every patch, `(B, L)` from `(B, L, D)` each (float32)."""
+    return 1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)
+
+
 def cosine_reconstruction_loss(pred: Tensor, target: Tensor) -> Tensor:
     """VQ-KD's objective: ``mean over patches of 1 - cos(pred_i, target_i)``, `(B, L, D)` each."""
-    return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
+    return cosine_distances(pred, target).mean()
 
 
 @METHODS.register("vqkd_tokenizer")
@@ -230,8 +235,7 @@ class VQKDTokenizerMethod(Method):
 
         def measure(x: Tensor) -> tuple[Tensor, Tensor]:
             pred, q = self.decode_tokens(x)
-            target = self.teacher_targets(x)
-            return 1 - F.cosine_similarity(pred.float(), target.float(), dim=-1), q.ids
+            return cosine_distances(pred, self.teacher_targets(x)), q.ids
 
         return evaluate_tokenizer(self, batches, measure, self.quantizer.codebook_size)
 
