@@ -122,7 +122,8 @@ def test_a_frozen_layer_under_ddp_still_reduces() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # fork: the workers need nothing but torch (a spawned one spends ~10 s importing).
-    errors = mp.get_context("fork").Queue()
-    mp.start_processes(_ddp_worker, args=(port, errors), nprocs=2, start_method="fork")
+    # spawn, not fork: a child forked after torch's OpenMP threads ran can hang in its first
+    # parallel region (seen in a full-suite run).
+    errors = mp.get_context("spawn").Queue()
+    mp.start_processes(_ddp_worker, args=(port, errors), nprocs=2, start_method="spawn")
     assert errors.empty(), errors.get()
